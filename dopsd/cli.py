@@ -1,0 +1,114 @@
+"""The `dopsd` command: train, sample, make-tiny-model."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _offline() -> None:
+    # Nothing is ever fetched from a hub at run time: models and tokenizers come from local directories.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, args.set or [])
+    if args.output_dir:
+        cfg.output.dir = args.output_dir
+    summary = Trainer(cfg).fit()
+    print(f"final weights: {summary['final']}")
+    if summary.get("samples"):
+        print(f"samples: {summary['samples']}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .models import load_backend
+    from .sampling import generate, save_grid
+    from .trainer import resolve_device
+
+    device = resolve_device(args.device)
+    backend = load_backend(ModelConfig(backend=args.backend, path=args.model), device=str(device))
+    transformer = backend.transformer
+    if args.lora:
+        _load_lora(transformer, args.lora)
+    height, width = args.resolution
+    images = generate(backend, transformer.eval(), args.prompt, args.seed, height, width, args.steps)
+    out = save_grid([images], rows=len(args.prompt), path=Path(args.out))
+    print(f"wrote {out} ({len(args.prompt)} prompts x {len(args.seed)} seeds, {args.steps} steps)")
+    return 0
+
+
+def _load_lora(transformer, lora_path: str) -> None:
+    """Load a diffusers-format LoRA file (or a folder holding pytorch_lora_weights.safetensors)."""
+    path = Path(lora_path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    transformer.load_lora_adapter(str(path), adapter_name="lora", prefix="transformer", use_safetensors=True)
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .models import make_tiny_model
+
+    make_tiny_model(args.backend, args.out_dir, seed=args.seed)
+    print(f"wrote tiny {args.backend} checkpoint to {args.out_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dopsd", description="D-OPSD trainer for step-distilled DiTs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.lr=1e-4")
+    p.add_argument("--output-dir", help="shortcut for --set output.dir=...")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="few-step samples from a base model and an optional LoRA")
+    p.add_argument("--model", required=True, help="local model directory")
+    p.add_argument("--backend", default="zimage")
+    p.add_argument("--lora", help="diffusers-format LoRA (.safetensors or its folder)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--seed", type=int, action="append", help="repeat for several seeds (default 0)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps (NFE)")
+    p.add_argument("--resolution", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-init checkpoint (offline, from a seed)")
+    p.add_argument("out_dir")
+    p.add_argument("--backend", default="zimage")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "seed", None) is None and args.command == "sample":
+        args.seed = [0]
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"dopsd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

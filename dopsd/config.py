@@ -1,0 +1,312 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted `--set` overrides, validation.
+
+Every error names the offending key (`train.lr`, `data.resolution`, ...) in one message, because a
+misspelt key that is silently ignored costs a cluster job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "zimage"
+    # Local directory in the diffusers layout (transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+    path: str = ""
+    # Local Qwen3-VL directory whose vision front-end builds the teacher context. Empty: `<path>/teacher_encoder`.
+    teacher_encoder_path: str = ""
+    # Build the tiny random checkpoint at `path` when it does not exist (quickstart, tests).
+    make_tiny_if_missing: bool = False
+    tiny_seed: int = 0
+    dtype: str = "float32"  # storage dtype of frozen weights: float32 | bfloat16
+    gradient_checkpointing: bool = False
+    attention_backend: str = ""  # diffusers attention backend name; empty = default (SDPA)
+    max_text_tokens: int = 512
+    teacher_max_tokens: int = 1024
+    # Pixel budget of the target image given to the teacher's vision front-end (paper: 512^2 .. 768^2).
+    teacher_min_pixels: int = 512 * 512
+    teacher_max_pixels: int = 768 * 768
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64
+    alpha: float = 128.0
+    targets: list[str] = field(default_factory=list)  # empty: the backend's recipe targets
+    init: str = "gaussian"  # peft init: B = 0, so the adapter starts as an exact no-op
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "lora"  # lora | full
+    objective: str = "dopsd"  # dopsd | sft
+    steps: int = 2000
+    batch_size: int = 1
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 30
+    rollout_steps: int = 4  # K
+    # Explicit K+1 sigmas (descending, ending at 0); empty: the model's shifted schedule for K steps.
+    sigmas: list[float] = field(default_factory=list)
+    loss_space: str = "x0"  # x0 | v
+    ema_decay: float = 0.9999  # teacher = EMA of the student; 1.0 = frozen teacher
+    # "per_step": backward after each roll-out step (states are detached, so the gradient equals one
+    # backward of the mean, with 1/K of the activation memory). "once": one backward of the mean.
+    backward: str = "per_step"
+    mixed_precision: str = "no"  # no | bf16
+    # SFT baseline: how sigma is drawn for the noised ground-truth latent.
+    sft_sigma_sampling: str = "shifted_uniform"  # shifted_uniform | logit_normal | uniform
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DataConfig:
+    type: str = "folder"
+    path: str = ""
+    resolution: list[int] = field(default_factory=lambda: [1024, 1024])  # [height, width]
+    # Replaces the concept placeholder in every caption variant (empty: keep it verbatim, as the recipe does).
+    placeholder: str = "[V]"
+    placeholder_replacement: str = ""
+    num_workers: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    every: int = 0  # 0: only before and after training
+    steps: int = 0  # sampling NFE; 0: train.rollout_steps
+    resolution: list[int] = field(default_factory=list)  # empty: data.resolution
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/dopsd"
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building a dataclass from plain data, with type checks that name the key.
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (list,):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            if alt is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, alt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key (valid: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation of values (types are already right here).
+
+_CHOICES = {
+    "model.backend": ("zimage",),
+    "model.dtype": ("float32", "bfloat16"),
+    "lora.init": ("gaussian", "zeros"),
+    "train.mode": ("lora", "full"),
+    "train.objective": ("dopsd", "sft"),
+    "train.loss_space": ("x0", "v"),
+    "train.backward": ("per_step", "once"),
+    "train.mixed_precision": ("no", "bf16"),
+    "train.sft_sigma_sampling": ("shifted_uniform", "logit_normal", "uniform"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "data.type": ("folder",),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        v = _get(cfg, key)
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+    for key in ("train.steps", "train.batch_size", "train.rollout_steps", "lora.rank", "lora.alpha",
+                "train.lr", "train.eps", "model.max_text_tokens", "model.teacher_max_tokens",
+                "output.log_every", "model.teacher_min_pixels", "model.teacher_max_pixels"):
+        positive(key)
+    for key in ("train.weight_decay", "train.grad_clip", "data.num_workers", "validation.every",
+                "validation.steps", "output.save_every"):
+        positive(key, allow_zero=True)
+    if not 0.0 <= cfg.train.ema_decay <= 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1], got {cfg.train.ema_decay}")
+    if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas: need two values in [0, 1), got {cfg.train.betas}")
+    if cfg.train.sigmas:
+        s = cfg.train.sigmas
+        if len(s) != cfg.train.rollout_steps + 1:
+            raise ConfigError(f"train.sigmas: need rollout_steps + 1 = {cfg.train.rollout_steps + 1} values, got {len(s)}")
+        if not all(a > b for a, b in zip(s, s[1:])) or s[-1] != 0.0 or s[0] > 1.0:
+            raise ConfigError(f"train.sigmas: must descend strictly from <= 1 to exactly 0, got {s}")
+    for key in ("data.resolution", "validation.resolution"):
+        res = _get(cfg, key)
+        if key == "validation.resolution" and not res:
+            continue
+        if len(res) != 2 or any(r <= 0 or r % 16 for r in res):
+            raise ConfigError(f"{key}: need [height, width], positive multiples of 16, got {res}")
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (a local model directory)")
+    if not cfg.data.path:
+        raise ConfigError("data.path: required")
+    if cfg.model.teacher_min_pixels > cfg.model.teacher_max_pixels:
+        raise ConfigError("model.teacher_min_pixels: must not exceed model.teacher_max_pixels")
+    if cfg.train.mode == "full" and cfg.model.dtype != "float32":
+        raise ConfigError("model.dtype: full fine-tuning keeps float32 master weights; use train.mixed_precision=bf16")
+    if cfg.validation.every and not cfg.validation.prompts:
+        raise ConfigError("validation.every: set validation.prompts too")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading.
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 1e-4); the value is parsed as YAML (lists, bools, numbers)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = dict(data or {})
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return validate(_build(Config, data))
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data pipelines: image folders (here) and WebDataset shards."""

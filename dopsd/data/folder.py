@@ -1,0 +1,137 @@
+"""Image-folder dataset: `name.png|jpg|jpeg|webp` beside `name.txt` (one prompt variant per line) or
+`name.json` (a list of variants, or a mapping such as {"short": ..., "detailed": ...}).
+
+One variant is drawn per sample per step, as the recipe does with its prompt fields. Bad samples (no
+caption, unreadable or corrupt image) are skipped with a warning and counted; they never stop a run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def resize_center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
+    """Bicubic resize so the image covers (height, width), then centre-crop (the recipe's bucketing step)."""
+    img = img.convert("RGB")
+    scale = max(height / img.height, width / img.width)
+    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def read_captions(path: Path) -> list[str]:
+    """Caption variants from a .txt (one per non-empty line) or .json (list or mapping of strings)."""
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        values = list(data.values()) if isinstance(data, dict) else data
+        if not isinstance(values, list):
+            raise ValueError("caption JSON must be a list or a mapping of strings")
+        variants = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+    else:
+        variants = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not variants:
+        raise ValueError("caption file holds no prompt")
+    return variants
+
+
+@dataclass
+class Item:
+    image: Path
+    captions: list[str]
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    def __init__(self, root: str | Path, height: int, width: int, placeholder: str = "[V]",
+                 placeholder_replacement: str = "", seed: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.path: {self.root} is not a directory")
+        self.height, self.width = height, width
+        self.placeholder, self.replacement = placeholder, placeholder_replacement
+        self.seed = seed
+        self.skipped: Counter[str] = Counter()
+        self.items: list[Item] = []
+        for path in sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+            self._scan(path)
+        if not self.items:
+            raise ValueError(f"data.path: no usable image+caption pairs in {self.root} (skipped: {dict(self.skipped)})")
+        self._epoch = 0
+
+    def _skip(self, kind: str, path: Path, why: str) -> None:
+        self.skipped[kind] += 1
+        log.warning("skipping %s (%s): %s", path, kind, why)
+
+    def _scan(self, path: Path) -> None:
+        caption = next((c for c in (path.with_suffix(".txt"), path.with_suffix(".json")) if c.exists()), None)
+        if caption is None:
+            self._skip("missing_caption", path, "no .txt or .json caption beside it")
+            return
+        try:
+            captions = read_captions(caption)
+        except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._skip("bad_caption", caption, str(e))
+            return
+        try:  # decode fully now: a truncated file passes a header check and fails mid-run otherwise
+            with Image.open(path) as img:
+                img.load()
+        except Exception as e:  # PIL raises many types for bad bytes
+            self._skip("bad_image", path, f"{type(e).__name__}: {e}")
+            return
+        self.items.append(Item(path, captions))
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _prompt(self, item: Item, index: int) -> str:
+        rng = random.Random(hash((self.seed, self._epoch, index)) & 0xFFFFFFFF)
+        prompt = rng.choice(item.captions)
+        if self.replacement:
+            prompt = prompt.replace(self.placeholder, self.replacement)
+        return prompt
+
+    def __getitem__(self, index: int) -> dict:
+        # A file that went bad after the scan is counted and replaced by the next item, so that batches keep
+        # their size and every rank keeps issuing the same model calls.
+        for offset in range(len(self.items)):
+            item = self.items[(index + offset) % len(self.items)]
+            try:
+                with Image.open(item.image) as img:
+                    pixels = to_tensor(resize_center_crop(img, self.height, self.width))
+            except Exception as e:  # PIL raises many types for bad bytes
+                self._skip("bad_image", item.image, f"{type(e).__name__}: {e}")
+                continue
+            return {"image": pixels, "prompt": self._prompt(item, index), "key": item.image.stem}
+        raise RuntimeError(f"data.path: every image in {self.root} is unreadable")
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "prompt": [s["prompt"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }

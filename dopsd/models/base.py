@@ -1,0 +1,58 @@
+"""The backend protocol: everything the trainer needs from a model family, and nothing more.
+
+The trainer never looks inside a backend. Contexts are opaque objects that a backend makes and consumes.
+Velocities follow one convention everywhere: v = noise - data, so x0 = x - sigma * v and an Euler step is
+x + (sigma_next - sigma) * v.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    transformer: nn.Module  # the network G that is trained (student) and, in LoRA mode, hosts the teacher adapter
+    device: torch.device
+
+    # --- conditioning (frozen encoders; called under no_grad) ---
+    def encode_student(self, prompts: list[str]) -> Any:
+        """Text-only context: exactly what inference sees."""
+
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Any:
+        """Privileged context: prompt + target image (images in [0, 1], shape (B, 3, H, W))."""
+
+    # --- the network ---
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor,
+                 context: Any) -> torch.Tensor:
+        """v = noise - data predicted by `transformer` at state x (B, C, h, w); sigma is a float or (B,)."""
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        ...
+
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> list[float]:
+        """K+1 descending sigmas ending at 0: the model's own few-step schedule."""
+
+    def schedule_shift(self, latent_shape: tuple[int, ...]) -> float:
+        """The time-shift factor the model's schedule applies (used to draw SFT noise levels)."""
+
+    # --- pixels <-> latents ---
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W)."""
+
+    # --- LoRA and export ---
+    lora_targets: list[str]
+
+    def save_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
+        """Write a diffusers-format LoRA (loadable with the family's pipeline `load_lora_weights`);
+        `metadata` is the peft LoraConfig as a dict (rank, alpha, targets)."""
+
+    def save_transformer(self, transformer: nn.Module, out_dir: Path) -> Path:
+        """Write full transformer weights in the diffusers `save_pretrained` layout (safetensors)."""

@@ -1,0 +1,222 @@
+"""Z-Image (Z-Image-Turbo) backend: diffusers `ZImageTransformer2DModel` + `AutoencoderKL`, transformers
+`Qwen3Model` text encoder; the teacher context comes from a Qwen3-VL vision front-end grafted onto the very
+same Qwen3 language weights (the recipe's multimodal teacher).
+
+Conventions follow `diffusers.ZImagePipeline`: prompt = Qwen chat template (enable_thinking=True),
+features = hidden_states[-2] with padding removed; the DiT takes t = 1 - sigma and predicts -v.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..schedule import few_step_sigmas
+
+log = logging.getLogger(__name__)
+
+# The recipe's LoRA targets (suffixes, so the refiner blocks are included as in the released script).
+LORA_TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def graft_language_model(vl_model: nn.Module, text_encoder: nn.Module) -> None:
+    """Make the Qwen3-VL language model use the text encoder's Parameter objects (no copy, no extra memory).
+
+    The recipe overwrites Qwen3-VL's language weights with Z-Image's Qwen3 so that teacher features live in
+    the space the DiT was trained on; sharing the tensors does the same without a second copy.
+    """
+    language_model = vl_model.model.language_model
+    params = dict(text_encoder.named_parameters())
+    try:
+        language_model.load_state_dict(params, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError("model.teacher_encoder_path: the Qwen3-VL language model does not match the text "
+                         f"encoder's architecture (Qwen3-VL-4B pairs with Qwen3-4B): {e}") from None
+    # The LM head is never used (only hidden states are read); drop it to save memory.
+    vl_model.lm_head = nn.Identity()
+
+
+class ZImageBackend:
+    name = "zimage"
+    lora_targets = LORA_TARGETS
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict,
+                 teacher_encoder_path: Path, device: torch.device, max_text_tokens: int = 512,
+                 teacher_max_tokens: int = 1024, teacher_min_pixels: int = 512 * 512,
+                 teacher_max_pixels: int = 768 * 768):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.teacher_encoder_path = teacher_encoder_path
+        self.device = device
+        self.max_text_tokens = max_text_tokens
+        self.teacher_max_tokens = teacher_max_tokens
+        self.teacher_pixels = (teacher_min_pixels, teacher_max_pixels)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._teacher = None  # (vl_model, tokenizer, image_processor), loaded on first use (SFT never needs it)
+        self._warned_truncation = False
+
+    @classmethod
+    def from_config(cls, cfg, device: str = "cpu") -> "ZImageBackend":
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+        from transformers import AutoTokenizer, Qwen3Model
+
+        path = Path(cfg.path)
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(f"model.path: {path} is not a Z-Image model directory (no transformer/)")
+        dtype = _DTYPES[cfg.dtype]
+        dev = torch.device(device)
+        transformer = ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype,
+                                                               use_safetensors=True).to(dev)
+        if cfg.attention_backend:
+            transformer.set_attention_backend(cfg.attention_backend)
+        vae = _freeze(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+                                                    use_safetensors=True).to(dev))
+        text_encoder = _freeze(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                          use_safetensors=True).to(dev))
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
+        teacher_path = Path(cfg.teacher_encoder_path) if cfg.teacher_encoder_path else path / "teacher_encoder"
+        return cls(transformer, vae, text_encoder, tokenizer, scheduler_config, teacher_path, dev,
+                   cfg.max_text_tokens, cfg.teacher_max_tokens, cfg.teacher_min_pixels, cfg.teacher_max_pixels)
+
+    # ------------------------------------------------------------------------------------------------
+    # Conditioning
+
+    def _trimmed_hidden(self, hidden: torch.Tensor, mask: torch.Tensor, limit: int) -> list[torch.Tensor]:
+        return [h[m.bool()][:limit] for h, m in zip(hidden, mask)]
+
+    @torch.no_grad()
+    def encode_student(self, prompts: list[str]) -> list[torch.Tensor]:
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=True)
+                 for p in prompts]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
+                             return_tensors="pt")
+        if not self._warned_truncation and enc.input_ids.shape[1] >= self.max_text_tokens:
+            log.warning("a prompt was truncated to model.max_text_tokens=%d tokens", self.max_text_tokens)
+            self._warned_truncation = True
+        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask.bool(),
+                                   output_hidden_states=True).hidden_states[-2]
+        return self._trimmed_hidden(hidden, mask, self.max_text_tokens)
+
+    def _load_teacher_encoder(self):
+        if self._teacher is None:
+            from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+
+            path = self.teacher_encoder_path
+            if not path.is_dir():
+                raise FileNotFoundError(f"model.teacher_encoder_path: {path} is not a Qwen3-VL directory")
+            vl = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=self.text_encoder.dtype,
+                                                                 use_safetensors=True)
+            graft_language_model(vl, self.text_encoder)
+            vl = _freeze(vl.to(self.device))
+            self._teacher = (vl, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+        return self._teacher
+
+    @torch.no_grad()
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> list[torch.Tensor]:
+        """Qwen3-VL features of one user turn: the target image first, then the prompt; hidden_states[-2]."""
+        from ..sampling import to_pil
+
+        vl, tokenizer, processor = self._load_teacher_encoder()
+        min_px, max_px = self.teacher_pixels
+        vision = processor(images=[to_pil(img) for img in images.float().cpu()],
+                           size={"shortest_edge": min_px, "longest_edge": max_px}, return_tensors="pt")
+        grid = vision["image_grid_thw"]
+        merge = getattr(processor, "merge_size", 2)
+        image_pad = "<|image_pad|>"
+        texts = []
+        for prompt, thw in zip(prompts, grid):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                tokenize=False, add_generation_prompt=True)
+            # The processor class needs torchvision for its video half; expanding the image placeholder to
+            # t*h*w / merge^2 tokens is all it would do for an image.
+            texts.append(text.replace(image_pad, image_pad * (int(thw.prod()) // merge ** 2), 1))
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        mm_types = (ids == vl.config.image_token_id).long()
+        out = vl.model(input_ids=ids, attention_mask=mask, pixel_values=vision["pixel_values"].to(self.device, vl.dtype),
+                       image_grid_thw=grid.to(self.device), mm_token_type_ids=mm_types, output_hidden_states=True)
+        return self._trimmed_hidden(out.hidden_states[-2], mask, self.teacher_max_tokens)
+
+    # ------------------------------------------------------------------------------------------------
+    # The network
+
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor,
+                 context: list[torch.Tensor]) -> torch.Tensor:
+        batch = x.shape[0]
+        dtype = transformer.dtype
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(batch)
+        latents = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, h, w) per sample
+        out = transformer(latents, 1.0 - sig, [c.to(dtype) for c in context], return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)  # the DiT predicts data - noise
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        unit = self.vae_scale_factor * 2  # VAE downsampling x the DiT's 2x2 patches
+        if height % unit or width % unit:
+            raise ValueError(f"resolution {height}x{width} must be a multiple of {unit} for this model")
+        return (batch, self.transformer.config.in_channels, height // self.vae_scale_factor,
+                width // self.vae_scale_factor)
+
+    def schedule_shift(self, latent_shape: tuple[int, ...]) -> float:
+        c = self.scheduler_config
+        if not c.get("use_dynamic_shifting", False):
+            return float(c.get("shift", 1.0))
+        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        base_shift, max_shift = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+        mu = base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
+        return math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
+
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> list[float]:
+        return few_step_sigmas(num_steps, self.schedule_shift(latent_shape))
+
+    # ------------------------------------------------------------------------------------------------
+    # Pixels <-> latents
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+        z = dist.mean.float() + dist.std.float() * noise
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------------
+    # Export
+
+    def save_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
+        from diffusers import ZImagePipeline
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # The metadata carries rank and alpha; without it the loader assumes alpha == rank.
+        ZImagePipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
+                                         transformer_lora_adapter_metadata=metadata)
+        return out_dir / "pytorch_lora_weights.safetensors"
+
+    def save_transformer(self, transformer: nn.Module, out_dir: Path) -> Path:
+        target = out_dir / "transformer"
+        transformer.save_pretrained(target, safe_serialization=True)
+        return target

@@ -1,0 +1,118 @@
+"""Training objectives: D-OPSD (on-policy self-distillation) and the vanilla SFT flow-matching baseline.
+
+Both take a backend (for model calls), a batch, and a `backward` callable, and return per-term losses.
+Calling `backward` from inside the objective lets D-OPSD free each roll-out step's graph at once.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import euler_step, shift_sigmas, x0_from_velocity
+
+Timer = Callable[[str], ContextManager]
+
+
+def _no_timer(_: str) -> ContextManager:
+    return nullcontext()
+
+
+def distill_loss(x: torch.Tensor, v_student: torch.Tensor, v_teacher: torch.Tensor, sigma: float,
+                 space: str = "x0") -> torch.Tensor:
+    """MSE between student and (detached) teacher predictions at state x.
+
+    x0 space (the released recipe): mse(x - s v_S, x - s v_T), which equals s^2 * mse(v_S, v_T).
+    v space (the paper's text): mse(v_S, v_T).
+    """
+    v_teacher = v_teacher.detach()
+    if space == "x0":
+        return F.mse_loss(x0_from_velocity(x, v_student, sigma), x0_from_velocity(x, v_teacher, sigma))
+    if space == "v":
+        return F.mse_loss(v_student, v_teacher)
+    raise ValueError(f"unknown loss space {space!r}")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    terms: list[float]  # one per roll-out step (D-OPSD) or one (SFT)
+
+
+def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompts: list[str],
+                    images: torch.Tensor, sigmas: list[float], backward: Callable[[torch.Tensor], None],
+                    generator: torch.Generator, loss_space: str = "x0", per_step_backward: bool = True,
+                    timer: Timer = _no_timer, autocast: Callable[[], ContextManager] = nullcontext) -> StepResult:
+    """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
+
+    `teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
+    or the EMA copy). Every call below happens in the same order on every rank, whatever the data.
+    """
+    num_steps = len(sigmas) - 1
+    with timer("encode"), torch.no_grad():
+        c_student = backend.encode_student(prompts)
+        c_teacher = backend.encode_teacher(prompts, images)
+    shape = backend.latent_shape(images.shape[0], images.shape[-2], images.shape[-1])
+    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(backend.device)
+
+    terms: list[float] = []
+    total = None
+    for k in range(num_steps):
+        s, s_next = sigmas[k], sigmas[k + 1]
+        x = x.detach()  # no backpropagation through the trajectory
+        with timer("teacher"), teacher.active() as teacher_model, autocast():
+            v_t = backend.velocity(teacher_model, x, s, c_teacher)
+        with timer("student"), autocast():
+            v_s = backend.velocity(student, x, s, c_student)
+        loss_k = distill_loss(x, v_s, v_t, s, loss_space)
+        terms.append(loss_k.item())
+        if per_step_backward:
+            with timer("backward"):
+                backward(loss_k / num_steps)
+        else:
+            total = loss_k / num_steps if total is None else total + loss_k / num_steps
+        x = euler_step(x, v_s.detach().float(), s, s_next)
+    if not per_step_backward:
+        with timer("backward"):
+            backward(total)
+    return StepResult(loss=sum(terms) / num_steps, terms=terms)
+
+
+def sample_sft_sigmas(batch: int, method: str, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels for the SFT baseline, drawn per sample."""
+    if method == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64))
+    else:
+        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    if method == "shifted_uniform":
+        u = shift_sigmas(u, shift)
+    return u.clamp(1e-3, 1.0).float()
+
+
+def sft_objective(backend: Any, student: torch.nn.Module, prompts: list[str], images: torch.Tensor,
+                  backward: Callable[[torch.Tensor], None], generator: torch.Generator,
+                  sigma_sampling: str = "shifted_uniform", timer: Timer = _no_timer,
+                  autocast: Callable[[], ContextManager] = nullcontext) -> StepResult:
+    """Vanilla flow matching on noised ground truth: x_s = (1 - s) x0 + s n, target v = n - x0.
+
+    This is the off-policy baseline that the paper shows erodes few-step sampling.
+    """
+    with timer("encode"), torch.no_grad():
+        context = backend.encode_student(prompts)
+        x0 = backend.encode_images(images, generator=generator).float()
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    shift = backend.schedule_shift(tuple(x0.shape))
+    sig = sample_sft_sigmas(x0.shape[0], sigma_sampling, shift, generator).to(x0.device)
+    sig_b = sig.view(-1, *([1] * (x0.dim() - 1)))
+    x = (1 - sig_b) * x0 + sig_b * noise
+    with timer("student"), autocast():
+        v = backend.velocity(student, x, sig, context)
+    loss = F.mse_loss(v.float(), noise - x0)
+    with timer("backward"):
+        backward(loss)
+    value = loss.item()
+    return StepResult(loss=value, terms=[value])
+
