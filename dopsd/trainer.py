@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def add_lora_adapters(transformer: torch.nn.Module, rank: int, alpha: float, tar
     transformer.requires_grad_(False)
     transformer.add_adapter(config, adapter_name=STUDENT)
     if with_teacher:
-        transformer.add_adapter(config, adapter_name=TEACHER)
+        with warnings.catch_warnings():  # peft warns on any second adapter; two are the design here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.add_adapter(config, adapter_name=TEACHER)
     for name, p in transformer.named_parameters():
         p.requires_grad_(f".{STUDENT}." in name)
     set_active_adapter(transformer, STUDENT)
