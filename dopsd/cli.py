@@ -39,20 +39,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     backend = load_backend(ModelConfig(backend=args.backend, path=args.model), device=str(device))
     transformer = backend.transformer
     if args.lora:
-        _load_lora(transformer, args.lora)
+        backend.load_lora(transformer, args.lora)
     height, width = args.resolution
     images = generate(backend, transformer.eval(), args.prompt, args.seed, height, width, args.steps)
     out = save_grid([images], rows=len(args.prompt), path=Path(args.out))
     print(f"wrote {out} ({len(args.prompt)} prompts x {len(args.seed)} seeds, {args.steps} steps)")
     return 0
-
-
-def _load_lora(transformer, lora_path: str) -> None:
-    """Load a diffusers-format LoRA file (or a folder holding pytorch_lora_weights.safetensors)."""
-    path = Path(lora_path)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
-    transformer.load_lora_adapter(str(path), adapter_name="lora", prefix="transformer", use_safetensors=True)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

@@ -192,7 +192,9 @@ class Trainer:
             from peft.utils import get_peft_model_state_dict
 
             state = get_peft_model_state_dict(self.student, adapter_name=STUDENT)
-            self.backend.save_lora(state, self.student.peft_config[STUDENT].to_dict(), out)
+            meta = self.student.peft_config[STUDENT].to_dict()
+            meta["target_modules"] = sorted(meta["target_modules"])  # a set: sorted for reproducible files
+            self.backend.save_lora(state, meta, out)
         else:
             self.backend.save_transformer(self.student, out)
         log.info("saved %s", out)

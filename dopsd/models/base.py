@@ -54,5 +54,8 @@ class Backend(Protocol):
         """Write a diffusers-format LoRA (loadable with the family's pipeline `load_lora_weights`);
         `metadata` is the peft LoraConfig as a dict (rank, alpha, targets)."""
 
+    def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
+        """Load a LoRA written by `save_lora` (or by any diffusers-compatible trainer)."""
+
     def save_transformer(self, transformer: nn.Module, out_dir: Path) -> Path:
         """Write full transformer weights in the diffusers `save_pretrained` layout (safetensors)."""

@@ -216,6 +216,14 @@ class ZImageBackend:
                                          transformer_lora_adapter_metadata=metadata)
         return out_dir / "pytorch_lora_weights.safetensors"
 
+    def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
+        """Load a diffusers-format LoRA (file or folder) exactly as `ZImagePipeline.load_lora_weights` does,
+        rank/alpha metadata included."""
+        from diffusers import ZImagePipeline
+
+        state, metadata = ZImagePipeline.lora_state_dict(str(path), return_lora_metadata=True, use_safetensors=True)
+        ZImagePipeline.load_lora_into_transformer(state, transformer, adapter_name=adapter_name, metadata=metadata)
+
     def save_transformer(self, transformer: nn.Module, out_dir: Path) -> Path:
         target = out_dir / "transformer"
         transformer.save_pretrained(target, safe_serialization=True)
