@@ -61,7 +61,7 @@ class Trainer:
         self.run_dir = Path(cfg.output.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.run_dir / "config.yaml")
-        _log_to_file(self.run_dir / "train.log")
+        self._log_handler = _log_to_file(self.run_dir / "train.log")
         torch.manual_seed(cfg.train.seed)
 
         model_dir = Path(cfg.model.path)
@@ -259,6 +259,8 @@ class Trainer:
                  ", ".join(f"{p} {v * 1000:.1f}ms" for p, v in split.items()))
         if self.dataset.num_skipped:
             log.info("skipped %d bad samples: %s", self.dataset.num_skipped, dict(self.dataset.skipped))
+        logging.getLogger().removeHandler(self._log_handler)
+        self._log_handler.close()
         return summary
 
 
@@ -268,10 +270,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
 
-def _log_to_file(path: Path) -> None:
+def _log_to_file(path: Path) -> logging.Handler:
+    """Mirror every log record of this process into the run directory until the run ends."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve())
-               for h in root.handlers):
-        root.addHandler(handler)
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler

@@ -194,3 +194,23 @@ def test_sft_matches_hand_written_reference(tiny_model_dir):
     assert result.loss == pytest.approx(loss.item(), rel=1e-5)
     for n, g_ref in _grads(model).items():
         assert torch.allclose(grads[n], g_ref, atol=1e-7, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("per_step", [True, False])
+def test_gradient_checkpointing_recomputes_with_the_student_adapter(lora_backend, per_step):
+    # Checkpointing replays the forward during backward with whichever adapter is active then; the teacher
+    # switch must be undone before any backward, in both backward modes.
+    be, teacher = lora_backend
+    sigmas = be.sigmas(4, be.latent_shape(2, 32, 32))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            be.transformer.enable_gradient_checkpointing()
+        be.transformer.train().zero_grad(set_to_none=True)
+        dopsd_objective(be, be.transformer, teacher, PROMPTS, _images(), sigmas, lambda l: l.backward(),
+                        torch.Generator().manual_seed(2), per_step_backward=per_step)
+        grads.append(_grads(be.transformer))
+    be.transformer.disable_gradient_checkpointing()
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-7, rtol=1e-4), n
