@@ -19,9 +19,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import Trainer
 
-    cfg = load_config(args.config, args.set or [])
+    overrides = list(args.set or [])
     if args.output_dir:
-        cfg.output.dir = args.output_dir
+        overrides.append(f"output.dir={args.output_dir}")
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
     summary = Trainer(cfg).fit()
     print(f"final weights: {summary['final']}")
     if summary.get("samples"):
@@ -47,6 +50,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out_dir)}")
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .models import make_tiny_model
 
@@ -63,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.lr=1e-4")
     p.add_argument("--output-dir", help="shortcut for --set output.dir=...")
+    p.add_argument("--resume", help="'latest' or a checkpoint directory (shortcut for --set checkpoint.resume=...)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="diffusers-loadable weights from a checkpoint (offline, one process)")
+    p.add_argument("checkpoint", help="a complete checkpoint directory, e.g. runs/x/checkpoints/step_00002000")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="few-step samples from a base model and an optional LoRA")
     p.add_argument("--model", required=True, help="local model directory")

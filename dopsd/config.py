@@ -95,6 +95,22 @@ class ValidationConfig:
 
 
 @dataclass
+class EngineConfig:
+    type: str = "torch"  # torch (one process) | deepspeed (ZeRO-2/3, launched by deepspeed/torchrun/srun)
+    deepspeed_config: str = ""  # DeepSpeed JSON (configs/deepspeed/); empty: built from zero_stage
+    zero_stage: int = 3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
+    dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # full resumable checkpoint every N steps (0: only at the end)
+    keep: int = 2  # complete checkpoints kept (older ones are deleted once a newer one is complete)
+    resume: str = ""  # "" (fresh) | latest (newest complete one, fresh if none) | a checkpoint directory
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/dopsd"
     log_every: int = 1
@@ -111,6 +127,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,7 +204,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 # Validation of values (types are already right here).
 
 _CHOICES = {
-    "model.backend": ("zimage",),
+    "model.backend": ("zimage", "flux2_klein"),
     "model.dtype": ("float32", "bfloat16"),
     "lora.init": ("gaussian", "zeros"),
     "train.mode": ("lora", "full"),
@@ -197,6 +215,9 @@ _CHOICES = {
     "train.sft_sigma_sampling": ("shifted_uniform", "logit_normal", "uniform"),
     "train.device": ("auto", "cpu", "cuda"),
     "data.type": ("folder",),
+    "engine.type": ("torch", "deepspeed"),
+    "engine.zero_stage": (2, 3),
+    "engine.dist_backend": ("auto", "nccl", "gloo"),
 }
 
 
@@ -222,7 +243,7 @@ def validate(cfg: Config) -> Config:
                 "output.log_every", "model.teacher_min_pixels", "model.teacher_max_pixels"):
         positive(key)
     for key in ("train.weight_decay", "train.grad_clip", "data.num_workers", "validation.every",
-                "validation.steps", "output.save_every"):
+                "validation.steps", "output.save_every", "checkpoint.every", "checkpoint.keep"):
         positive(key, allow_zero=True)
     if not 0.0 <= cfg.train.ema_decay <= 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1], got {cfg.train.ema_decay}")

@@ -40,26 +40,43 @@ def distill_loss(x: torch.Tensor, v_student: torch.Tensor, v_teacher: torch.Tens
 class StepResult:
     loss: float
     terms: list[float]  # one per roll-out step (D-OPSD) or one (SFT)
+    backpropagated: int  # terms whose gradient was accumulated; 0 means there is nothing to apply
+
+
+def per_sample_randn(shape: tuple[int, ...], generators: list[torch.Generator], device) -> torch.Tensor:
+    """Noise drawn sample by sample from each sample's own generator, so a sample's noise does not depend on
+    the batch it lands in (1 rank x batch 2 and 2 ranks x batch 1 draw the same numbers)."""
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(device)
+
+
+def _always_finite(_: torch.Tensor) -> bool:
+    return True
 
 
 def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompts: list[str],
                     images: torch.Tensor, sigmas: list[float], backward: Callable[[torch.Tensor], None],
-                    generator: torch.Generator, loss_space: str = "x0", per_step_backward: bool = True,
-                    timer: Timer = _no_timer, autocast: Callable[[], ContextManager] = nullcontext) -> StepResult:
+                    generators: list[torch.Generator], loss_space: str = "x0", per_step_backward: bool = True,
+                    timer: Timer = _no_timer, autocast: Callable[[], ContextManager] = nullcontext,
+                    finite: Callable[[torch.Tensor], bool] = _always_finite) -> StepResult:
     """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
 
     `teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
     or the EMA copy). Every call below happens in the same order on every rank, whatever the data.
+    `finite(loss)` must agree on all ranks: a non-finite term is never backpropagated; the roll-out stops
+    there and the step keeps the gradient of the finite terms before it.
     """
     num_steps = len(sigmas) - 1
     with timer("encode"), torch.no_grad():
         c_student = backend.encode_student(prompts)
         c_teacher = backend.encode_teacher(prompts, images)
     shape = backend.latent_shape(images.shape[0], images.shape[-2], images.shape[-1])
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(backend.device)
+    x = per_sample_randn(shape, generators, backend.device)
 
     terms: list[float] = []
     total = None
+    done = 0
     for k in range(num_steps):
         s, s_next = sigmas[k], sigmas[k + 1]
         x = x.detach()  # no backpropagation through the trajectory
@@ -70,15 +87,19 @@ def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompt
         loss_k = distill_loss(x, v_s, v_t, s, loss_space)
         terms.append(loss_k.item())
         if per_step_backward:
+            if not finite(loss_k):
+                break
             with timer("backward"):
                 backward(loss_k / num_steps)
+            done += 1
         else:
             total = loss_k / num_steps if total is None else total + loss_k / num_steps
         x = euler_step(x, v_s.detach().float(), s, s_next)
-    if not per_step_backward:
+    if not per_step_backward and finite(total):
         with timer("backward"):
             backward(total)
-    return StepResult(loss=sum(terms) / num_steps, terms=terms)
+        done = num_steps
+    return StepResult(loss=sum(terms) / len(terms), terms=terms, backpropagated=done)
 
 
 def sample_sft_sigmas(batch: int, method: str, shift: float, generator: torch.Generator) -> torch.Tensor:
@@ -93,26 +114,29 @@ def sample_sft_sigmas(batch: int, method: str, shift: float, generator: torch.Ge
 
 
 def sft_objective(backend: Any, student: torch.nn.Module, prompts: list[str], images: torch.Tensor,
-                  backward: Callable[[torch.Tensor], None], generator: torch.Generator,
+                  backward: Callable[[torch.Tensor], None], generators: list[torch.Generator],
                   sigma_sampling: str = "shifted_uniform", timer: Timer = _no_timer,
-                  autocast: Callable[[], ContextManager] = nullcontext) -> StepResult:
+                  autocast: Callable[[], ContextManager] = nullcontext,
+                  finite: Callable[[torch.Tensor], bool] = _always_finite) -> StepResult:
     """Vanilla flow matching on noised ground truth: x_s = (1 - s) x0 + s n, target v = n - x0.
 
     This is the off-policy baseline that the paper shows erodes few-step sampling.
     """
     with timer("encode"), torch.no_grad():
         context = backend.encode_student(prompts)
-        x0 = backend.encode_images(images, generator=generator).float()
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+        x0 = torch.cat([backend.encode_images(images[i:i + 1], generator=g)
+                        for i, g in enumerate(generators)]).float()
+    noise = per_sample_randn(tuple(x0.shape), generators, x0.device)
     shift = backend.schedule_shift(tuple(x0.shape))
-    sig = sample_sft_sigmas(x0.shape[0], sigma_sampling, shift, generator).to(x0.device)
+    sig = torch.cat([sample_sft_sigmas(1, sigma_sampling, shift, g) for g in generators]).to(x0.device)
     sig_b = sig.view(-1, *([1] * (x0.dim() - 1)))
     x = (1 - sig_b) * x0 + sig_b * noise
     with timer("student"), autocast():
         v = backend.velocity(student, x, sig, context)
     loss = F.mse_loss(v.float(), noise - x0)
+    if not finite(loss):
+        return StepResult(loss=loss.item(), terms=[loss.item()], backpropagated=0)
     with timer("backward"):
         backward(loss)
-    value = loss.item()
-    return StepResult(loss=value, terms=[value])
+    return StepResult(loss=loss.item(), terms=[loss.item()], backpropagated=1)
 

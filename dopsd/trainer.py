@@ -1,7 +1,8 @@
 """The trainer: builds the pieces from a Config and runs `train_step` in a loop.
 
-It knows the backend only through its protocol (dopsd/models/base.py) and the objective only through
-`dopsd_objective` / `sft_objective`.
+It knows the backend only through its protocol (dopsd/models/base.py), the engine through the surface in
+engine.py, and the objective through `dopsd_objective` / `sft_objective`. The same code runs one process
+(torch engine) and N ranks (DeepSpeed ZeRO-2/3); every rank makes the same model calls in the same order.
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .data.folder import FolderDataset, collate
-from .engine import TorchEngine
+from .data.sampler import GlobalBatchSampler, Position, sample_seed
+from .dist import DistInfo, all_mean, all_true, barrier, broadcast_object, device_for, init_distributed
+from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
 from .models import load_backend, make_tiny_model
 from .objectives import dopsd_objective, sft_objective
@@ -25,15 +29,11 @@ from .teacher import STUDENT, TEACHER, EmaTeacher, set_active_adapter
 
 log = logging.getLogger("dopsd")
 
-MAX_BAD_STEPS = 20  # consecutive non-finite steps before the run stops (weights are never updated by them)
+MAX_BAD_STEPS = 20  # consecutive steps without an applied update before the run stops
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
+    return device_for(DistInfo(), name)
 
 
 def add_lora_adapters(transformer: torch.nn.Module, rank: int, alpha: float, targets: list[str],
@@ -57,56 +57,75 @@ def add_lora_adapters(transformer: torch.nn.Module, rank: int, alpha: float, tar
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
+        t = cfg.train
+        use_ds = cfg.engine.type == "deepspeed"
+        self.info = init_distributed(cfg.engine.dist_backend, deepspeed=use_ds)
+        self.is_main = self.info.is_main
+        self.device = device_for(self.info, t.device)
         self.run_dir = Path(cfg.output.dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.run_dir / "config.yaml")
-        self._log_handler = _log_to_file(self.run_dir / "train.log")
-        torch.manual_seed(cfg.train.seed)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self._log_handler = _log_to_file(self.run_dir / "train.log") if self.is_main else None
+        torch.manual_seed(t.seed)
 
         model_dir = Path(cfg.model.path)
-        if not model_dir.exists():
+        if self.is_main and not model_dir.exists():
             if not cfg.model.make_tiny_if_missing:
                 raise FileNotFoundError(f"model.path: {model_dir} does not exist")
             log.info("building the tiny %s checkpoint at %s", cfg.model.backend, model_dir)
             make_tiny_model(cfg.model.backend, str(model_dir), seed=cfg.model.tiny_seed)
-        self.backend = load_backend(cfg.model, device=str(self.device))
-        self.student = self.backend.transformer
+        barrier()
 
-        t = cfg.train
+        loader = None
+        if use_ds:
+            from .engine_deepspeed import build_ds_config, zero3_transformer_loader
+
+            if build_ds_config(cfg)["zero_optimization"].get("stage", 0) >= 3:
+                loader = zero3_transformer_loader(build_ds_config(cfg))
+        self.backend = load_backend(cfg.model, device=str(self.device), transformer_loader=loader)
+        module = self.backend.transformer
+
         self.teacher = None
         if t.mode == "lora":
-            add_lora_adapters(self.student, cfg.lora.rank, cfg.lora.alpha,
-                              cfg.lora.targets or self.backend.lora_targets, cfg.lora.init,
-                              with_teacher=t.objective == "dopsd")
+            add_lora_adapters(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or self.backend.lora_targets,
+                              cfg.lora.init, with_teacher=t.objective == "dopsd")
             if t.objective == "dopsd":
-                self.teacher = EmaTeacher.for_lora(self.student, t.ema_decay)
+                self.teacher = EmaTeacher.for_lora(module, t.ema_decay)
         else:
-            self.student.requires_grad_(True)
-            if t.objective == "dopsd":
-                self.teacher = EmaTeacher.for_full(self.student, t.ema_decay)
-        self.student.train()
+            module.requires_grad_(True)
         if cfg.model.gradient_checkpointing:
-            self.student.enable_gradient_checkpointing()
+            module.enable_gradient_checkpointing()
+        module.train()
 
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        self.engine = TorchEngine(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                  weight_decay=t.weight_decay, grad_clip=t.grad_clip)
-        self.num_trainable = sum(p.numel() for p in params)
+        self.engine = build_engine(cfg, module)
+        self.model = self.engine.model  # what forwards go through (the DeepSpeed engine wraps the module)
+        self.module = self.engine.module
+        if self.teacher is not None:
+            self.teacher.model = self.model
+        elif t.objective == "dopsd":  # full fine-tune: the teacher is a frozen twin, placed like the model
+            twin = self.engine.wrap_frozen(self.backend.new_transformer()) if self.engine.zero_stage >= 3 else None
+            self.teacher = EmaTeacher.for_full(self.module, t.ema_decay, twin)
+        if self.teacher is not None:
+            self.teacher.use_local_view(self.engine.local)
+        self.num_trainable = sum(p.numel() for p in self.engine.named_params.values())
 
         height, width = cfg.data.resolution
         self.dataset = FolderDataset(cfg.data.path, height, width, cfg.data.placeholder,
                                      cfg.data.placeholder_replacement, seed=t.seed)
-        if self.dataset.num_skipped:
+        if self.dataset.num_skipped and self.is_main:
             log.warning("data: skipped %d bad samples %s", self.dataset.num_skipped, dict(self.dataset.skipped))
+        self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.info.rank, self.info.world_size,
+                                          seed=t.seed, shuffle=cfg.data.shuffle)
         latent_shape = self.backend.latent_shape(t.batch_size, height, width)
         self.sigmas = list(t.sigmas) or self.backend.sigmas(t.rollout_steps, latent_shape)
-        # A dedicated generator makes the roll-out noise reproducible from the seed alone.
-        self.generator = torch.Generator().manual_seed(t.seed)
         self.timer = StepTimer(sync_cuda=self.device.type == "cuda")
         self.step = 0
+        self.position = Position()
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.truncated_steps = 0
         self._base_samples: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------
@@ -115,6 +134,15 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _generators(self) -> list[torch.Generator]:
+        # Noise is named by (seed, step, place in the global batch): independent of rank count and resumes.
+        return [torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, self.step, g))
+                for g in self.sampler.global_offsets()]
+
+    @staticmethod
+    def _finite(loss: torch.Tensor) -> bool:
+        return all_true(bool(torch.isfinite(loss.detach()).all()))
+
     def train_step(self, batch: dict) -> dict:
         t = self.cfg.train
         images = batch["image"].to(self.device)
@@ -122,25 +150,27 @@ class Trainer:
         self.engine.zero_grad()
         with self.timer("objective"):
             if t.objective == "dopsd":
-                result = dopsd_objective(self.backend, self.student, self.teacher, prompts, images, self.sigmas,
-                                         self.engine.backward, self.generator, loss_space=t.loss_space,
+                result = dopsd_objective(self.backend, self.model, self.teacher, prompts, images, self.sigmas,
+                                         self.engine.backward, self._generators(), loss_space=t.loss_space,
                                          per_step_backward=t.backward == "per_step", timer=self.timer,
-                                         autocast=self.autocast)
+                                         autocast=self.autocast, finite=self._finite)
             else:
-                result = sft_objective(self.backend, self.student, prompts, images, self.engine.backward,
-                                       self.generator, sigma_sampling=t.sft_sigma_sampling, timer=self.timer,
-                                       autocast=self.autocast)
+                result = sft_objective(self.backend, self.model, prompts, images, self.engine.backward,
+                                       self._generators(), sigma_sampling=t.sft_sigma_sampling, timer=self.timer,
+                                       autocast=self.autocast, finite=self._finite)
         with self.timer("optimizer"):
-            finite = math.isfinite(result.loss)
-            grad_norm, applied = self.engine.step() if finite else (float("nan"), False)
-            if not finite:
+            applied = False
+            grad_norm = float("nan")
+            if result.backpropagated:
+                grad_norm, applied = self.engine.step()
+            else:
                 self.engine.zero_grad()
             if applied and self.teacher is not None:
                 self.teacher.update()
         self.step += 1
-        record = {"step": self.step, "loss": result.loss, "grad_norm": grad_norm, "lr": self.engine.lr}
+        record = {"step": self.step, "loss": all_mean(result.loss), "grad_norm": grad_norm, "lr": self.engine.lr}
         if t.objective == "dopsd":
-            record.update({f"loss_k{k}": v for k, v in enumerate(result.terms)})
+            record.update({f"loss_k{k}": all_mean(v) for k, v in enumerate(result.terms)})
         if not applied:
             self.skipped_steps += 1
             self.bad_steps += 1
@@ -149,75 +179,143 @@ class Trainer:
                         self.step, result.loss, grad_norm)
         else:
             self.bad_steps = 0
+            if result.backpropagated < len(result.terms):
+                self.truncated_steps += 1
+                record["truncated_at_k"] = result.backpropagated
+                log.warning("step %d: non-finite loss at roll-out step %d; applied the finite steps before it",
+                            self.step, result.backpropagated)
         return record
 
     # ------------------------------------------------------------------------------------------------
     def _batches(self):
-        cfg = self.cfg
-        loader_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-        epoch = 0
-        while True:
-            self.dataset.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=cfg.train.batch_size, shuffle=cfg.data.shuffle, drop_last=False,
-                num_workers=cfg.data.num_workers, collate_fn=collate, generator=loader_gen)
-            yield from loader
-            epoch += 1
+        """(batch, position after it) from the current position on; workers keep the order."""
+        positions = self.sampler.iterate(self.position)
+        keys = ([(pos.epoch, i) for i in indices] for pos, indices in self.sampler.iterate(self.position))
+        workers = self.cfg.data.num_workers
+        if workers:
+            batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, num_workers=workers,
+                                                       collate_fn=collate, persistent_workers=False))
+        else:
+            batches = (collate([self.dataset[k] for k in batch_keys]) for batch_keys in keys)
+        for batch, (position, _) in zip(batches, positions):
+            nxt = position.step_in_epoch + 1
+            done = nxt >= self.sampler.steps_per_epoch
+            yield batch, Position(position.epoch + done, 0 if done else nxt)
 
     def validation_images(self) -> torch.Tensor | None:
         v = self.cfg.validation
         if not v.prompts:
             return None
         height, width = v.resolution or self.cfg.data.resolution
-        was_training = self.student.training
-        self.student.eval()
-        with self.autocast():
-            images = generate(self.backend, self.student, v.prompts, v.seeds, height, width,
+        was_training = self.module.training
+        self.module.eval()
+        with self.autocast():  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
+            images = generate(self.backend, self.model, v.prompts, v.seeds, height, width,
                               v.steps or self.cfg.train.rollout_steps)
-        self.student.train(was_training)
+        self.module.train(was_training)
         return images
 
     def save_samples(self, name: str) -> Path | None:
         """PNG grid: one row per validation prompt; left block base model, right block tuned, same seeds."""
         tuned = self.validation_images()
-        if tuned is None:
+        if tuned is None or not self.is_main:
             return None
         return save_grid([self._base_samples, tuned], len(self.cfg.validation.prompts),
                          self.run_dir / "samples" / f"{name}.png")
 
-    def save(self, name: str) -> Path:
-        out = self.run_dir / "checkpoints" / name
-        out.mkdir(parents=True, exist_ok=True)
+    def export(self, name: str) -> Path:
+        """Deployable weights (collective): the student LoRA in diffusers format, or the full transformer."""
+        out = self.run_dir / "exports" / name
         if self.cfg.train.mode == "lora":
             from peft.utils import get_peft_model_state_dict
 
-            state = get_peft_model_state_dict(self.student, adapter_name=STUDENT)
-            meta = self.student.peft_config[STUDENT].to_dict()
-            meta["target_modules"] = sorted(meta["target_modules"])  # a set: sorted for reproducible files
-            self.backend.save_lora(state, meta, out)
+            lora = [p for n, p in self.module.named_parameters() if f".{STUDENT}." in n]
+            with self.engine.gathered(lora):  # whole tensors under ZeRO-3, not empty shards
+                state = {k: v.detach().cpu().clone()
+                         for k, v in get_peft_model_state_dict(self.module, adapter_name=STUDENT).items()}
+            if self.is_main:
+                meta = self.module.peft_config[STUDENT].to_dict()
+                meta["target_modules"] = sorted(meta["target_modules"])  # a set: sorted for reproducible files
+                self.backend.save_lora(state, meta, out)
         else:
-            self.backend.save_transformer(self.student, out)
-        log.info("saved %s", out)
+            state = self.engine.full_state_dict() if hasattr(self.engine, "full_state_dict") else None
+            if self.is_main:
+                self.backend.save_transformer(self.module, out, state_dict=state)
+        barrier()
+        if self.is_main:
+            log.info("exported %s", out)
         return out
+
+    def save_checkpoint(self) -> Path:
+        """A complete, resumable checkpoint (collective); `latest` moves only once every rank is done."""
+        path = ckpt.checkpoint_path(self.ckpt_root, self.step)
+        if self.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / ckpt.MARKER).unlink(missing_ok=True)
+            dump_config(self.cfg, path / "config.yaml")
+        barrier()
+        self.engine.save(path)
+        state = {"step": self.step, "epoch": self.position.epoch, "step_in_epoch": self.position.step_in_epoch,
+                 "world_size": self.info.world_size, "batch_size": self.cfg.train.batch_size,
+                 "skipped_steps": self.skipped_steps, "truncated_steps": self.truncated_steps}
+        ckpt.save_rank_state(path, self.info.rank, state,
+                             self.teacher.state_dict() if self.teacher is not None else None)
+        barrier()
+        if self.is_main:
+            ckpt.mark_complete(path, self.ckpt_root, {"step": self.step}, self.cfg.checkpoint.keep)
+            log.info("checkpoint %s", path)
+        barrier()
+        return path
+
+    def resume(self) -> Path | None:
+        path = broadcast_object(ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+                                if self.is_main else None)
+        if path is None:
+            if self.cfg.checkpoint.resume and self.is_main:
+                log.info("checkpoint.resume=%s: no complete checkpoint yet, starting fresh", self.cfg.checkpoint.resume)
+            return None
+        self.engine.load(path)
+        state, rng, teacher_state = ckpt.load_rank_state(path, self.info.rank)
+        if (state["world_size"], state["batch_size"]) != (self.info.world_size, self.cfg.train.batch_size):
+            raise ValueError(f"{path} was written by {state['world_size']} ranks x batch {state['batch_size']}; "
+                             f"resuming needs the same (data position and noise depend on it)")
+        if self.teacher is not None:
+            if teacher_state is None:
+                raise FileNotFoundError(f"{path} holds no teacher state for rank {self.info.rank}")
+            self.teacher.load_state_dict(teacher_state)
+        ckpt.restore_rng(rng)
+        self.step = state["step"]
+        self.position = Position(state["epoch"], state["step_in_epoch"])
+        self.skipped_steps, self.truncated_steps = state["skipped_steps"], state["truncated_steps"]
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return path
 
     def fit(self) -> dict:
         cfg = self.cfg
-        run_log = RunLog(self.run_dir, tensorboard=cfg.output.tensorboard)
-        log.info("run %s: %s, %s, %d trainable parameters, sigmas %s", self.run_dir, cfg.train.objective,
-                 cfg.train.mode, self.num_trainable, [round(s, 4) for s in self.sigmas])
-        self._base_samples = self.validation_images()
-        run_log.write({"event": "start", "trainable_params": self.num_trainable, "sigmas": self.sigmas,
-                       "data_samples": len(self.dataset), "data_skipped": dict(self.dataset.skipped)})
+        run_log = RunLog(self.run_dir, tensorboard=cfg.output.tensorboard) if self.is_main else None
+        self._base_samples = self.validation_images()  # before any resume: the base model's samples
+        resumed = self.resume()
+        if self.is_main:
+            log.info("run %s: %s, %s, %s engine x %d ranks, %d trainable parameters, sigmas %s", self.run_dir,
+                     cfg.train.objective, cfg.train.mode, cfg.engine.type, self.info.world_size, self.num_trainable,
+                     [round(s, 4) for s in self.sigmas])
+            run_log.write({"event": "start", "trainable_params": self.num_trainable, "sigmas": self.sigmas,
+                           "world_size": self.info.world_size, "resumed_from": str(resumed) if resumed else None,
+                           "start_step": self.step, "data_samples": len(self.dataset),
+                           "data_skipped": dict(self.dataset.skipped)})
         totals = {p: 0.0 for p in PHASES}
-        bar = _progress(cfg.train.steps, cfg.output.progress_bar)
+        start_step = self.step
+        bar = _progress(cfg.train.steps, cfg.output.progress_bar and self.is_main, initial=self.step)
         batches = self._batches()
         t_start = time.perf_counter()
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 with self.timer("data"):
-                    batch = next(batches)
+                    batch, next_position = next(batches)
                 record = self.train_step(batch)
+                self.position = next_position
                 phases = self.timer.reset()
                 objective = phases.pop("objective")
                 # roll-out = the objective's own work around the model calls (noise, Euler updates, losses)
@@ -227,47 +325,55 @@ class Trainer:
                     totals[p] += phases.get(p, 0.0)
                 record["step_time"] = time.perf_counter() - t0
                 record.update({f"time.{p}": phases.get(p, 0.0) for p in PHASES})
-                if self.step % cfg.output.log_every == 0 or self.step == cfg.train.steps:
+                if run_log and (self.step % cfg.output.log_every == 0 or self.step == cfg.train.steps):
                     run_log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}", s_it=f"{record['step_time']:.2f}")
                 bar.update(1)
                 if self.bad_steps >= MAX_BAD_STEPS:
                     raise FloatingPointError(f"{self.bad_steps} consecutive non-finite steps; stopping "
                                              f"(no bad update was applied). Lower train.lr or check the data.")
-                if cfg.output.save_every and self.step % cfg.output.save_every == 0 and self.step < cfg.train.steps:
-                    self.save(f"step_{self.step:06d}")
-                if cfg.validation.every and self.step % cfg.validation.every == 0 and self.step < cfg.train.steps:
+                last = self.step == cfg.train.steps
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
+                    self.save_checkpoint()
+                if cfg.output.save_every and self.step % cfg.output.save_every == 0 and not last:
+                    self.export(f"step_{self.step:06d}")
+                if cfg.validation.every and self.step % cfg.validation.every == 0 and not last:
                     self.save_samples(f"step_{self.step:06d}")
         except KeyboardInterrupt:
-            log.warning("interrupted at step %d; saving", self.step)
-            self.save(f"interrupted_step_{self.step:06d}")
+            if not self.info.distributed:  # a lone process can save alone; ranks would wait on each other
+                log.warning("interrupted at step %d; saving a checkpoint", self.step)
+                self.save_checkpoint()
             raise
         finally:
             bar.close()
         wall = time.perf_counter() - t_start
-        final = self.save("final")
+        if self.step > start_step or resumed is None:
+            self.save_checkpoint()
+        final = self.export("final")
         grid = self.save_samples("final")
-        steps = max(self.step, 1)
+        steps = max(self.step - start_step, 1)
         split = {p: totals[p] / steps for p in PHASES}
-        summary = {"event": "end", "steps": self.step, "wall_time": wall, "skipped_steps": self.skipped_steps,
+        summary = {"event": "end", "steps": self.step, "steps_this_run": self.step - start_step, "wall_time": wall,
+                   "skipped_steps": self.skipped_steps, "truncated_steps": self.truncated_steps,
                    "data_skipped": dict(self.dataset.skipped), "mean_step_time": wall / steps,
                    **{f"mean_time.{p}": v for p, v in split.items()}, "final": str(final),
                    "samples": str(grid) if grid else None}
-        run_log.write(summary)
-        run_log.close()
-        log.info("done: %d steps in %.1fs; mean per step: %s", self.step, wall,
-                 ", ".join(f"{p} {v * 1000:.1f}ms" for p, v in split.items()))
-        if self.dataset.num_skipped:
-            log.info("skipped %d bad samples: %s", self.dataset.num_skipped, dict(self.dataset.skipped))
-        logging.getLogger().removeHandler(self._log_handler)
-        self._log_handler.close()
+        if self.is_main:
+            run_log.write(summary)
+            run_log.close()
+            log.info("done: %d steps in %.1fs; mean per step: %s", self.step - start_step, wall,
+                     ", ".join(f"{p} {v * 1000:.1f}ms" for p, v in split.items()))
+            if self.dataset.num_skipped:
+                log.info("skipped %d bad samples: %s", self.dataset.num_skipped, dict(self.dataset.skipped))
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
         return summary
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
 
 def _log_to_file(path: Path) -> logging.Handler:

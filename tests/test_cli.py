@@ -23,7 +23,7 @@ def test_train_then_sample(tiny_model_dir, concept_dir, tmp_path):
                "--output-dir", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mean per step" in r.stderr and "teacher" in r.stderr and "optimizer" in r.stderr
-    lora = run / "checkpoints/final/pytorch_lora_weights.safetensors"
+    lora = run / "exports/final/pytorch_lora_weights.safetensors"
     assert lora.is_file() and (run / "samples/final.png").is_file()
 
     out = tmp_path / "s.png"

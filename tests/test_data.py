@@ -25,8 +25,8 @@ def test_variants_from_txt_and_json_with_placeholder(tmp_path):
     assert len(ds) == 2 and ds.num_skipped == 0
     seen = Counter()
     for epoch in range(40):
-        ds.set_epoch(epoch)
-        seen.update(ds[i]["prompt"] for i in range(2))
+        seen.update(ds[(epoch, i)]["prompt"] for i in range(2))
+    assert ds[(3, 0)]["prompt"] == ds[(3, 0)]["prompt"]  # the choice is a function of (epoch, index)
     assert set(seen) == {"one sks", "two sks", "short sks", "a detailed sks"}  # every variant gets drawn
     batch = collate([ds[0], ds[1]])
     assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.float32

@@ -73,7 +73,7 @@ def test_dopsd_step_gradients_and_call_schedule(lora_backend):
     sigmas = be.sigmas(4, be.latent_shape(2, 32, 32))
     model = be.transformer
     result = dopsd_objective(spy, model, teacher, PROMPTS, _images(), sigmas, lambda l: l.backward(),
-                             torch.Generator().manual_seed(11))
+                             [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)])
     # teacher then student at every one of the K states, teacher without grad, on the same state
     assert [c["adapter"] for c in spy.calls] == [TEACHER, STUDENT] * 4
     assert [c["grad"] for c in spy.calls] == [False, True] * 4
@@ -114,7 +114,7 @@ def test_per_step_backward_equals_one_backward(lora_backend):
     for per_step in (True, False):
         be.transformer.zero_grad(set_to_none=True)
         r = dopsd_objective(be, be.transformer, teacher, PROMPTS, _images(), sigmas, lambda l: l.backward(),
-                            torch.Generator().manual_seed(5), per_step_backward=per_step)
+                            [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], per_step_backward=per_step)
         out.append((r.terms, _grads(be.transformer)))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
     for n in out[0][1]:
@@ -151,7 +151,7 @@ def test_full_finetune_teacher_is_a_frozen_copy(tiny_model_dir):
     teacher = EmaTeacher.for_full(student, decay=0.5)
     assert teacher.model is not student
     dopsd_objective(be, student, teacher, PROMPTS[:1], _images(1), be.sigmas(2, be.latent_shape(1, 32, 32)),
-                    lambda l: l.backward(), torch.Generator().manual_seed(0))
+                    lambda l: l.backward(), [torch.Generator().manual_seed(0)])
     assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1)
     with torch.no_grad():
@@ -166,19 +166,22 @@ def test_sft_matches_hand_written_reference(tiny_model_dir):
     be = load_backend(ModelConfig(path=str(tiny_model_dir)))
     model = be.transformer.requires_grad_(True)
     images = _images()
-    result = sft_objective(be, model, PROMPTS, images, lambda l: l.backward(), torch.Generator().manual_seed(9),
+    result = sft_objective(be, model, PROMPTS, images, lambda l: l.backward(),
+                           [torch.Generator().manual_seed(9), torch.Generator().manual_seed(10)],
                            sigma_sampling="shifted_uniform")
     grads = _grads(model)
 
     # Reference written from the definitions, with diffusers/transformers objects called directly.
     model.zero_grad(set_to_none=True)
-    g = torch.Generator().manual_seed(9)
+    # each sample draws from its own generator: VAE posterior noise, then flow noise, then its sigma
+    gens = [torch.Generator().manual_seed(9), torch.Generator().manual_seed(10)]
     dist = be.vae.encode(images * 2 - 1).latent_dist
-    z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+    z = dist.mean + dist.std * torch.stack([torch.randn(dist.mean.shape[1:], generator=g).unsqueeze(0)
+                                            for g in gens]).squeeze(1)
     x0 = (z - be.vae.config.shift_factor) * be.vae.config.scaling_factor
-    noise = torch.randn(x0.shape, generator=g)
-    u = torch.rand(2, generator=g, dtype=torch.float64)
-    sigma = (3.0 * u / (1 + 2.0 * u)).float()  # Z-Image shift 3
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+    sigma = (3.0 * u / (1 + 2.0 * u)).clamp(1e-3, 1.0).float()  # Z-Image shift 3; sigma > 0 kept
     xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
     tok = be.tokenizer
     feats = []
@@ -208,7 +211,7 @@ def test_gradient_checkpointing_recomputes_with_the_student_adapter(lora_backend
             be.transformer.enable_gradient_checkpointing()
         be.transformer.train().zero_grad(set_to_none=True)
         dopsd_objective(be, be.transformer, teacher, PROMPTS, _images(), sigmas, lambda l: l.backward(),
-                        torch.Generator().manual_seed(2), per_step_backward=per_step)
+                        [torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)], per_step_backward=per_step)
         grads.append(_grads(be.transformer))
     be.transformer.disable_gradient_checkpointing()
     assert grads[0].keys() == grads[1].keys()

@@ -39,9 +39,9 @@ def test_dopsd_lora_run_writes_everything_and_lora_loads_in_diffusers(make_confi
     steps = [r for r in records if "loss" in r]
     assert all(len([k for k in r if k.startswith("loss_k")]) == 4 for r in steps)
     run = tmp_path / "run"
-    assert (run / "checkpoints/step_000002/pytorch_lora_weights.safetensors").is_file()
+    assert (run / "exports/step_000002/pytorch_lora_weights.safetensors").is_file()
     assert (run / "samples/step_000002.png").is_file()
-    lora = run / "checkpoints/final/pytorch_lora_weights.safetensors"
+    lora = run / "exports/final/pytorch_lora_weights.safetensors"
     from safetensors import safe_open
 
     with safe_open(lora, "pt") as f:
@@ -79,7 +79,7 @@ def test_dopsd_full_finetune_run(make_config, tmp_path, tiny_model_dir):
     _check_common_outputs(cfg, summary, records)
     from diffusers import ZImageTransformer2DModel
 
-    saved = ZImageTransformer2DModel.from_pretrained(tmp_path / "run/checkpoints/final", subfolder="transformer",
+    saved = ZImageTransformer2DModel.from_pretrained(tmp_path / "run/exports/final", subfolder="transformer",
                                                      use_safetensors=True)
     base = ZImageTransformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer", use_safetensors=True)
     diffs = [(a - b).abs().max().item() for a, b in zip(saved.state_dict().values(), base.state_dict().values())]

@@ -73,7 +73,6 @@ class FolderDataset(torch.utils.data.Dataset):
             self._scan(path)
         if not self.items:
             raise ValueError(f"data.path: no usable image+caption pairs in {self.root} (skipped: {dict(self.skipped)})")
-        self._epoch = 0
 
     def _skip(self, kind: str, path: Path, why: str) -> None:
         self.skipped[kind] += 1
@@ -101,20 +100,20 @@ class FolderDataset(torch.utils.data.Dataset):
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-
     def __len__(self) -> int:
         return len(self.items)
 
-    def _prompt(self, item: Item, index: int) -> str:
-        rng = random.Random(hash((self.seed, self._epoch, index)) & 0xFFFFFFFF)
+    def _prompt(self, item: Item, epoch: int, index: int) -> str:
+        rng = random.Random(hash((self.seed, epoch, index)) & 0xFFFFFFFF)
         prompt = rng.choice(item.captions)
         if self.replacement:
             prompt = prompt.replace(self.placeholder, self.replacement)
         return prompt
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """`key` is an index or (epoch, index): the epoch picks the prompt variant, so the choice is the same
+        in any worker process and after a resume."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         # A file that went bad after the scan is counted and replaced by the next item, so that batches keep
         # their size and every rank keeps issuing the same model calls.
         for offset in range(len(self.items)):
@@ -125,7 +124,7 @@ class FolderDataset(torch.utils.data.Dataset):
             except Exception as e:  # PIL raises many types for bad bytes
                 self._skip("bad_image", item.image, f"{type(e).__name__}: {e}")
                 continue
-            return {"image": pixels, "prompt": self._prompt(item, index), "key": item.image.stem}
+            return {"image": pixels, "prompt": self._prompt(item, epoch, index), "key": item.image.stem}
         raise RuntimeError(f"data.path: every image in {self.root} is unreadable")
 
 

@@ -57,5 +57,11 @@ class Backend(Protocol):
     def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
         """Load a LoRA written by `save_lora` (or by any diffusers-compatible trainer)."""
 
-    def save_transformer(self, transformer: nn.Module, out_dir: Path) -> Path:
-        """Write full transformer weights in the diffusers `save_pretrained` layout (safetensors)."""
+    def new_transformer(self) -> nn.Module:
+        """A fresh copy of the trained network at its pretrained weights, built by the same loader (the full
+        fine-tune teacher under ZeRO-3, where the live model cannot be deep-copied)."""
+
+    def save_transformer(self, transformer: nn.Module, out_dir: Path,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write full transformer weights in the diffusers `save_pretrained` layout (safetensors); with
+        `state_dict`, those tensors (consolidated from shards) instead of the module's own."""

@@ -71,19 +71,28 @@ class ZImageBackend:
         self._warned_truncation = False
 
     @classmethod
-    def from_config(cls, cfg, device: str = "cpu") -> "ZImageBackend":
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    def from_config(cls, cfg, device: str = "cpu", transformer_loader=None) -> "ZImageBackend":
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, Qwen3Model
+
+        from . import pretrained_loader
 
         path = Path(cfg.path)
         if not (path / "transformer").is_dir():
             raise FileNotFoundError(f"model.path: {path} is not a Z-Image model directory (no transformer/)")
         dtype = _DTYPES[cfg.dtype]
         dev = torch.device(device)
-        transformer = ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype,
-                                                               use_safetensors=True).to(dev)
-        if cfg.attention_backend:
-            transformer.set_attention_backend(cfg.attention_backend)
+        loader = transformer_loader or pretrained_loader
+
+        def new_transformer() -> nn.Module:
+            from diffusers import ZImageTransformer2DModel
+
+            model = loader(ZImageTransformer2DModel, path, "transformer", dtype).to(dev)
+            if cfg.attention_backend:
+                model.set_attention_backend(cfg.attention_backend)
+            return model
+
+        transformer = new_transformer()
         vae = _freeze(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
                                                     use_safetensors=True).to(dev))
         text_encoder = _freeze(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
@@ -91,8 +100,10 @@ class ZImageBackend:
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
         teacher_path = Path(cfg.teacher_encoder_path) if cfg.teacher_encoder_path else path / "teacher_encoder"
-        return cls(transformer, vae, text_encoder, tokenizer, scheduler_config, teacher_path, dev,
-                   cfg.max_text_tokens, cfg.teacher_max_tokens, cfg.teacher_min_pixels, cfg.teacher_max_pixels)
+        backend = cls(transformer, vae, text_encoder, tokenizer, scheduler_config, teacher_path, dev,
+                      cfg.max_text_tokens, cfg.teacher_max_tokens, cfg.teacher_min_pixels, cfg.teacher_max_pixels)
+        backend.new_transformer = new_transformer
+        return backend
 
     # ------------------------------------------------------------------------------------------------
     # Conditioning
@@ -224,7 +235,17 @@ class ZImageBackend:
         state, metadata = ZImagePipeline.lora_state_dict(str(path), return_lora_metadata=True, use_safetensors=True)
         ZImagePipeline.load_lora_into_transformer(state, transformer, adapter_name=adapter_name, metadata=metadata)
 
-    def save_transformer(self, transformer: nn.Module, out_dir: Path) -> Path:
+    def save_transformer(self, transformer: nn.Module, out_dir: Path,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         target = out_dir / "transformer"
-        transformer.save_pretrained(target, safe_serialization=True)
+        if state_dict is None:
+            transformer.save_pretrained(target, safe_serialization=True)
+        else:  # weights consolidated elsewhere (ZeRO-3): same layout, written from the given tensors
+            from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+            from safetensors.torch import save_file
+
+            target.mkdir(parents=True, exist_ok=True)
+            transformer.save_config(target)
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, target / SAFETENSORS_WEIGHTS_NAME,
+                      metadata={"format": "pt"})
         return target

@@ -1,0 +1,67 @@
+"""`dopsd export CHECKPOINT_DIR OUT_DIR`: deployable weights from a checkpoint, offline, in one process.
+
+Works on checkpoints of either engine: DeepSpeed ZeRO shards are consolidated with DeepSpeed's own
+`zero_to_fp32` reader; torch-engine checkpoints hold the trained tensors directly. The result is the
+student LoRA in the diffusers format (LoRA runs) or the transformer in the `save_pretrained` layout.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import load_config
+
+log = logging.getLogger(__name__)
+
+
+def trained_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    engine_dir = checkpoint / "engine"
+    if (engine_dir / "trainable.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(engine_dir / "trainable.safetensors")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="engine")
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    from .models import load_backend
+    from .teacher import STUDENT
+    from .trainer import add_lora_adapters
+
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    if not ckpt.is_complete(checkpoint):
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+    cfg = load_config(checkpoint / "config.yaml")
+    backend = load_backend(cfg.model, device="cpu")
+    module = backend.transformer
+    state = trained_state(checkpoint)
+    if cfg.train.mode == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        add_lora_adapters(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or backend.lora_targets,
+                          cfg.lora.init, with_teacher=False)
+        params = {n: p for n, p in module.named_parameters() if f".{STUDENT}." in n}
+        missing = params.keys() - state.keys()
+        if missing:
+            raise ValueError(f"{checkpoint}: no trained values for {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+        meta = module.peft_config[STUDENT].to_dict()
+        meta["target_modules"] = sorted(meta["target_modules"])
+        path = backend.save_lora(get_peft_model_state_dict(module, adapter_name=STUDENT), meta, out)
+    else:
+        own = module.state_dict()
+        unknown = state.keys() - own.keys()
+        if unknown:
+            raise ValueError(f"{checkpoint}: tensors that the model does not have, e.g. {sorted(unknown)[:3]}")
+        own.update({k: v.to(own[k].dtype) for k, v in state.items()})
+        module.load_state_dict(own)
+        path = backend.save_transformer(module, out)
+    log.info("exported %s -> %s", checkpoint, path)
+    return path
