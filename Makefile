@@ -14,6 +14,9 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	# DeepSpeed JIT-builds its CPU shared-memory comm op on first use (~25 s): build it once here, not in a test
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
+	  a().create_op_builder('ShareMemCommBuilder').load()" >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 install: $(STAMP)

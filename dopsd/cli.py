@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.lr=1e-4")
     p.add_argument("--output-dir", help="shortcut for --set output.dir=...")
     p.add_argument("--resume", help="'latest' or a checkpoint directory (shortcut for --set checkpoint.resume=...)")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="diffusers-loadable weights from a checkpoint (offline, one process)")

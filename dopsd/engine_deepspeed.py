@@ -75,7 +75,10 @@ def zero3_transformer_loader(ds_config: dict):
         import torch.distributed as dist
         from safetensors import safe_open
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        # No dtype argument: DeepSpeed 0.19 ignores it on accelerators without fp16 (it picks bf16); from the
+        # config it takes bf16 when bf16 is enabled and float32 otherwise, the dtype the engine will use.
+        del dtype
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = cls.from_config(cls.load_config(path, subfolder=subfolder))
         params = dict(model.named_parameters())
         is_main = not dist.is_initialized() or dist.get_rank() == 0

@@ -80,7 +80,8 @@ class EmaTeacher:
         """`teacher`: a frozen twin already placed by the engine (ZeRO-3); default a deep copy."""
         teacher = copy.deepcopy(student) if teacher is None else teacher
         t_module = getattr(teacher, "module", teacher)
-        return cls(teacher.eval(), list(student.parameters()), list(t_module.parameters()), decay, lora=False)
+        teacher.eval()  # (a DeepSpeed engine's eval() returns None, so not chained)
+        return cls(teacher, list(student.parameters()), list(t_module.parameters()), decay, lora=False)
 
     def use_local_view(self, local) -> None:
         """How to reach this rank's part of a parameter (the engine's `local`)."""

@@ -19,7 +19,8 @@ from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .data.folder import FolderDataset, collate
 from .data.sampler import GlobalBatchSampler, Position, sample_seed
-from .dist import DistInfo, all_mean, all_true, barrier, broadcast_object, device_for, init_distributed
+from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, broadcast_object, device_for,
+                   init_distributed)
 from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
 from .models import load_backend, make_tiny_model
@@ -89,6 +90,9 @@ class Trainer:
 
         self.teacher = None
         if t.mode == "lora":
+            # Seeded here: how the base was built (from_pretrained, or initialised under zero.Init) must not
+            # change the adapter's random init, which must also be equal on every rank.
+            torch.manual_seed(t.seed)
             add_lora_adapters(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or self.backend.lora_targets,
                               cfg.lora.init, with_teacher=t.objective == "dopsd")
             if t.objective == "dopsd":
@@ -109,7 +113,7 @@ class Trainer:
             self.teacher = EmaTeacher.for_full(self.module, t.ema_decay, twin)
         if self.teacher is not None:
             self.teacher.use_local_view(self.engine.local)
-        self.num_trainable = sum(p.numel() for p in self.engine.named_params.values())
+        self.num_trainable = sum(_numel(p) for p in self.engine.named_params.values())
 
         height, width = cfg.data.resolution
         self.dataset = FolderDataset(cfg.data.path, height, width, cfg.data.placeholder,
@@ -296,11 +300,14 @@ class Trainer:
         run_log = RunLog(self.run_dir, tensorboard=cfg.output.tensorboard) if self.is_main else None
         self._base_samples = self.validation_images()  # before any resume: the base model's samples
         resumed = self.resume()
+        shards = all_gather_object(sum(self.engine.local(p).numel() for p in self.module.parameters()))
         if self.is_main:
             log.info("run %s: %s, %s, %s engine x %d ranks, %d trainable parameters, sigmas %s", self.run_dir,
                      cfg.train.objective, cfg.train.mode, cfg.engine.type, self.info.world_size, self.num_trainable,
                      [round(s, 4) for s in self.sigmas])
             run_log.write({"event": "start", "trainable_params": self.num_trainable, "sigmas": self.sigmas,
+                           "params_total": sum(_numel(p) for p in self.module.parameters()),
+                           "params_per_rank": shards,
                            "world_size": self.info.world_size, "resumed_from": str(resumed) if resumed else None,
                            "start_step": self.step, "data_samples": len(self.dataset),
                            "data_skipped": dict(self.dataset.skipped)})
@@ -368,6 +375,10 @@ class Trainer:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
         return summary
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 parameters are empty outside forwards
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,26 @@ def test_bad_yaml_and_bad_override(tmp_path):
     assert "expected KEY=VALUE" in _error(tmp_path, BASE, ["train.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_json_builds(path):
+    from dopsd.engine_deepspeed import build_ds_config
+
+    cfg = from_dict(MINIMAL, ["engine.type=deepspeed", f"engine.deepspeed_config={path}", "train.batch_size=3",
+                              "train.grad_clip=0.5", "train.mixed_precision=bf16"])
+    ds = build_ds_config(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and ds["managed_gradient_accumulation"] is False
+    assert ds["zero_optimization"]["stage"] in (2, 3)
+    assert "auto" not in json.dumps(ds)
+
+
+def test_deepspeed_json_conflict_is_named(tmp_path):
+    from dopsd.engine_deepspeed import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}))
+    cfg = from_dict(MINIMAL, ["engine.type=deepspeed", f"engine.deepspeed_config={path}"])
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 conflicts"):
+        build_ds_config(cfg)
