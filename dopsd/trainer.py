@@ -69,6 +69,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         self._log_handler = _log_to_file(self.run_dir / "train.log") if self.is_main else None
+        if not self.is_main:  # one voice per job: other ranks report warnings and errors only
+            logging.getLogger().setLevel(logging.WARNING)
         torch.manual_seed(t.seed)
 
         model_dir = Path(cfg.model.path)

@@ -65,9 +65,10 @@ def _losses(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in _records(run) if "loss" in r}
 
 
-def _zero3(cfg: dict) -> dict:
+def _zero3(cfg: dict, stage: str = "zero3") -> dict:
     cfg["train"]["batch_size"] = 1  # 2 ranks x 1 = the single process's global batch of 2
-    cfg["engine"] = {"type": "deepspeed", "deepspeed_config": str(Path(__file__).parents[1] / "configs/deepspeed/zero3.json")}
+    cfg["engine"] = {"type": "deepspeed",
+                     "deepspeed_config": str(Path(__file__).parents[1] / f"configs/deepspeed/{stage}.json")}
     return cfg
 
 
@@ -185,13 +186,13 @@ def test_zero3_lora_export_loads_in_diffusers_and_matches_trainer_samples(runs, 
     assert np.abs(tuned - np.asarray(image).astype(int)).max() <= 2
 
 
-@pytest.mark.parametrize("stage", ["zero3"])
-def test_zero3_full_finetune_matches_single_process(tiny_model_dir, data_dir, tmp_path, stage):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_sharded_full_finetune_matches_single_process(tiny_model_dir, data_dir, tmp_path, stage):
     over = {"train": {"mode": "full", "lr": 1e-4, "steps": 2}, "checkpoint": {"every": 0}}
     single = tmp_path / "single"
     Trainer(from_dict(_config(tiny_model_dir, data_dir, single, **over))).fit()
     sharded = tmp_path / stage
-    _launch(_zero3(_config(tiny_model_dir, data_dir, sharded, **over)), tmp_path)
+    _launch(_zero3(_config(tiny_model_dir, data_dir, sharded, **over), stage), tmp_path)
     a, b = _losses(single), _losses(sharded)
     for step in (1, 2):
         assert _close(a[step]["loss"], b[step]["loss"], 1e-4) and _close(a[step]["grad_norm"], b[step]["grad_norm"], 1e-3)

@@ -27,8 +27,9 @@ def _text_kwargs(tokenizer) -> dict:
                 pad_token_id=tokenizer.pad_token_id)
 
 
-def build_tiny_components(seed: int = 0) -> dict:
-    """All components as live objects (random init from `seed`)."""
+def build_tiny_components(seed: int = 0, dit_dim: int = DIT_DIM, dit_layers: int = 2) -> dict:
+    """All components as live objects (random init from `seed`). `dit_dim` / `dit_layers` grow the DiT alone
+    (e.g. 768 / 8 gives a ~90M-parameter network for benchmarks); heads are 32 wide."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import (Qwen2VLImageProcessorPil, Qwen3Config, Qwen3Model, Qwen3VLConfig,
                               Qwen3VLForConditionalGeneration)
@@ -38,8 +39,9 @@ def build_tiny_components(seed: int = 0) -> dict:
     tokenizer = train_tiny_tokenizer()
     torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=DIT_DIM, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=TEXT_HIDDEN, rope_theta=256.0,
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dit_dim, n_layers=dit_layers,
+        n_refiner_layers=1, n_heads=dit_dim // 32, n_kv_heads=dit_dim // 32, norm_eps=1e-5, qk_norm=True,
+        cap_feat_dim=TEXT_HIDDEN, rope_theta=256.0,
         t_scale=1000.0, axes_dims=[16, 8, 8], axes_lens=[256, 64, 64])
     with torch.no_grad():  # created with torch.empty in diffusers: give them defined values
         transformer.x_pad_token.normal_(std=0.02)
@@ -72,13 +74,13 @@ def build_tiny_components(seed: int = 0) -> dict:
                 scheduler=scheduler, teacher_encoder=teacher_encoder, image_processor=image_processor)
 
 
-def make_tiny_zimage(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_zimage(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
     from diffusers import ZImagePipeline
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    c = build_tiny_components(seed)
+    c = build_tiny_components(seed, **sizes)
     pipe = ZImagePipeline(scheduler=c["scheduler"], vae=c["vae"], text_encoder=c["text_encoder"],
                           tokenizer=c["tokenizer"], transformer=c["transformer"])
     pipe.save_pretrained(tmp, safe_serialization=True)
