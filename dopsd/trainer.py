@@ -6,6 +6,7 @@ engine.py, and the objective through `dopsd_objective` / `sft_objective`. The sa
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -17,8 +18,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config
-from .data.folder import FolderDataset, collate
-from .data.sampler import GlobalBatchSampler, Position, sample_seed
+from .data import build_data
+from .data.sampler import sample_seed
 from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, broadcast_object, device_for,
                    init_distributed)
 from .engine import build_engine
@@ -118,17 +119,14 @@ class Trainer:
         self.num_trainable = sum(_numel(p) for p in self.engine.named_params.values())
 
         height, width = cfg.data.resolution
-        self.dataset = FolderDataset(cfg.data.path, height, width, cfg.data.placeholder,
-                                     cfg.data.placeholder_replacement, seed=t.seed)
-        if self.dataset.num_skipped and self.is_main:
-            log.warning("data: skipped %d bad samples %s", self.dataset.num_skipped, dict(self.dataset.skipped))
-        self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.info.rank, self.info.world_size,
-                                          seed=t.seed, shuffle=cfg.data.shuffle)
+        self.data = build_data(cfg, self.info.rank, self.info.world_size)
+        if self.data.skipped and self.is_main:
+            log.warning("data: skipped %d bad samples %s", sum(self.data.skipped.values()), dict(self.data.skipped))
         latent_shape = self.backend.latent_shape(t.batch_size, height, width)
         self.sigmas = list(t.sigmas) or self.backend.sigmas(t.rollout_steps, latent_shape)
         self.timer = StepTimer(sync_cuda=self.device.type == "cuda")
         self.step = 0
-        self.position = Position()
+        self.position: dict = {}  # where the data source continues from (stored in checkpoints)
         self.bad_steps = 0
         self.skipped_steps = 0
         self.truncated_steps = 0
@@ -143,7 +141,7 @@ class Trainer:
     def _generators(self) -> list[torch.Generator]:
         # Noise is named by (seed, step, place in the global batch): independent of rank count and resumes.
         return [torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, self.step, g))
-                for g in self.sampler.global_offsets()]
+                for g in self.data.global_offsets]
 
     @staticmethod
     def _finite(loss: torch.Tensor) -> bool:
@@ -193,21 +191,6 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------------------------------------
-    def _batches(self):
-        """(batch, position after it) from the current position on; workers keep the order."""
-        positions = self.sampler.iterate(self.position)
-        keys = ([(pos.epoch, i) for i in indices] for pos, indices in self.sampler.iterate(self.position))
-        workers = self.cfg.data.num_workers
-        if workers:
-            batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, num_workers=workers,
-                                                       collate_fn=collate, persistent_workers=False))
-        else:
-            batches = (collate([self.dataset[k] for k in batch_keys]) for batch_keys in keys)
-        for batch, (position, _) in zip(batches, positions):
-            nxt = position.step_in_epoch + 1
-            done = nxt >= self.sampler.steps_per_epoch
-            yield batch, Position(position.epoch + done, 0 if done else nxt)
-
     def validation_images(self) -> torch.Tensor | None:
         v = self.cfg.validation
         if not v.prompts:
@@ -261,7 +244,7 @@ class Trainer:
             dump_config(self.cfg, path / "config.yaml")
         barrier()
         self.engine.save(path)
-        state = {"step": self.step, "epoch": self.position.epoch, "step_in_epoch": self.position.step_in_epoch,
+        state = {"step": self.step, "data_position": json.dumps(self.position),
                  "world_size": self.info.world_size, "batch_size": self.cfg.train.batch_size,
                  "skipped_steps": self.skipped_steps, "truncated_steps": self.truncated_steps}
         ckpt.save_rank_state(path, self.info.rank, state,
@@ -291,7 +274,7 @@ class Trainer:
             self.teacher.load_state_dict(teacher_state)
         ckpt.restore_rng(rng)
         self.step = state["step"]
-        self.position = Position(state["epoch"], state["step_in_epoch"])
+        self.position = json.loads(state["data_position"])
         self.skipped_steps, self.truncated_steps = state["skipped_steps"], state["truncated_steps"]
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
@@ -311,12 +294,12 @@ class Trainer:
                            "params_total": sum(_numel(p) for p in self.module.parameters()),
                            "params_per_rank": shards,
                            "world_size": self.info.world_size, "resumed_from": str(resumed) if resumed else None,
-                           "start_step": self.step, "data_samples": len(self.dataset),
-                           "data_skipped": dict(self.dataset.skipped)})
+                           "start_step": self.step, "data_samples": self.data.num_samples,
+                           "data_skipped": dict(self.data.skipped)})
         totals = {p: 0.0 for p in PHASES}
         start_step = self.step
         bar = _progress(cfg.train.steps, cfg.output.progress_bar and self.is_main, initial=self.step)
-        batches = self._batches()
+        batches = self.data.batches(self.position)
         t_start = time.perf_counter()
         try:
             while self.step < cfg.train.steps:
@@ -364,7 +347,7 @@ class Trainer:
         split = {p: totals[p] / steps for p in PHASES}
         summary = {"event": "end", "steps": self.step, "steps_this_run": self.step - start_step, "wall_time": wall,
                    "skipped_steps": self.skipped_steps, "truncated_steps": self.truncated_steps,
-                   "data_skipped": dict(self.dataset.skipped), "mean_step_time": wall / steps,
+                   "data_skipped": dict(self.data.skipped), "mean_step_time": wall / steps,
                    **{f"mean_time.{p}": v for p, v in split.items()}, "final": str(final),
                    "samples": str(grid) if grid else None}
         if self.is_main:
@@ -372,8 +355,8 @@ class Trainer:
             run_log.close()
             log.info("done: %d steps in %.1fs; mean per step: %s", self.step - start_step, wall,
                      ", ".join(f"{p} {v * 1000:.1f}ms" for p, v in split.items()))
-            if self.dataset.num_skipped:
-                log.info("skipped %d bad samples: %s", self.dataset.num_skipped, dict(self.dataset.skipped))
+            if self.data.skipped:
+                log.info("skipped %d bad samples: %s", sum(self.data.skipped.values()), dict(self.data.skipped))
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
         return summary

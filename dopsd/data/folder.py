@@ -134,3 +134,40 @@ def collate(samples: list[dict]) -> dict:
         "prompt": [s["prompt"] for s in samples],
         "key": [s["key"] for s in samples],
     }
+
+
+class FolderSource:
+    """A folder dataset behind the data-source surface (see dopsd/data/__init__.py), sampled with the
+    rank-independent global-batch sampler."""
+
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1):
+        from .sampler import GlobalBatchSampler
+
+        height, width = cfg.data.resolution
+        self.dataset = FolderDataset(cfg.data.path, height, width, cfg.data.placeholder,
+                                     cfg.data.placeholder_replacement, seed=cfg.train.seed)
+        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.batch_size, rank, world_size,
+                                          seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.num_workers = cfg.data.num_workers
+        self.num_samples = len(self.dataset)
+        self.global_offsets = self.sampler.global_offsets()
+
+    @property
+    def skipped(self) -> Counter:
+        return self.dataset.skipped
+
+    def batches(self, position: dict):
+        from .sampler import Position
+
+        start = Position(position.get("epoch", 0), position.get("step_in_epoch", 0))
+        positions = self.sampler.iterate(start)
+        keys = ([(pos.epoch, i) for i in indices] for pos, indices in self.sampler.iterate(start))
+        if self.num_workers:  # workers keep the order; counts of files that go bad mid-run stay in them
+            loaded = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers,
+                                                      collate_fn=collate))
+        else:
+            loaded = (collate([self.dataset[k] for k in batch_keys]) for batch_keys in keys)
+        for batch, (pos, _) in zip(loaded, positions):
+            nxt = pos.step_in_epoch + 1
+            done = nxt >= self.sampler.steps_per_epoch
+            yield batch, {"epoch": pos.epoch + done, "step_in_epoch": 0 if done else nxt}
