@@ -1,4 +1,4 @@
-"""The `dopsd` command: train, sample, make-tiny-model."""
+"""The `dopsd` command: train, sample, export, make-shards, make-tiny-model."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    summary = Trainer(cfg).fit()
+    from .preemption import Preempted, preempted_exit
+
+    try:
+        summary = Trainer(cfg).fit()
+    except Preempted as e:
+        code = preempted_exit(e.step)
+        print(f"dopsd: {e}; exit {code} (requeue and resume with --resume latest)", file=sys.stderr)
+        return code
     print(f"final weights: {summary['final']}")
     if summary.get("samples"):
         print(f"samples: {summary['samples']}")
@@ -54,6 +61,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     print(f"wrote {export_checkpoint(args.checkpoint, args.out_dir)}")
+    return 0
+
+
+def cmd_make_shards(args: argparse.Namespace) -> int:
+    from .data.shards import make_shards
+
+    cfg = None
+    if args.config:
+        from .config import load_config
+
+        cfg = load_config(args.config, list(args.set or []))
+    try:
+        s = make_shards(args.input, args.output, samples_per_shard=args.samples_per_shard,
+                        shard_size_mb=args.shard_size_mb, features=args.features, cfg=cfg, device=args.device,
+                        progress=not args.no_progress, overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"dopsd: error: {e}", file=sys.stderr)
+        return 2
+    print(f"make-shards: {s['shards']} shards, {s['samples']} samples in {s['output']} "
+          f"(this run: {s['samples_written']} samples in {s['shards_written']} shards; skipped "
+          f"{s['shards_skipped']} finished shards with {s['samples_in_skipped_shards']} samples); "
+          f"bad inputs skipped: {s['skipped'] or 'none'}; features: {s['features']}")
     return 0
 
 
@@ -95,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("make-shards", help="write WebDataset shards (optionally with cached encoder features) "
+                                           "from an image folder, a JSONL manifest or existing shards")
+    p.add_argument("input", help="image folder, manifest.jsonl, or shards (brace pattern, directory, pipe: URL)")
+    p.add_argument("output", help="output directory (shard-NNNNNN.tar + index files); rerun to resume")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--shard-size-mb", type=float, default=1024.0, help="a shard also closes at this size")
+    p.add_argument("--features", choices=("none", "student", "all"), default="none",
+                   help="cache student text features (student) or student + teacher features (all)")
+    p.add_argument("--config", help="run config: model, caption placeholder and buckets for --features")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in --config")
+    p.add_argument("--device", default="auto", help="device for the encoders (auto: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_make_shards)
+
     p = sub.add_parser("make-tiny-model", help="write a tiny random-init checkpoint (offline, from a seed)")
     p.add_argument("out_dir")
     p.add_argument("--backend", default="zimage")
@@ -112,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "seed", None) is None and args.command == "sample":
         args.seed = [0]
     from .config import ConfigError
+    from .dist import RendezvousTimeout
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"dopsd: error: {e}", file=sys.stderr)
         return 2
+    except RendezvousTimeout as e:
+        print(f"dopsd: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -83,6 +83,13 @@ class DataConfig:
     placeholder_replacement: str = ""
     num_workers: int = 0
     shuffle: bool = True
+    # --- data.type: webdataset (path: brace pattern, '::'-joined list, directory of .tar, or pipe: URL) ---
+    sampling: str = "epoch"  # epoch: every shard once per epoch | resampled: shards drawn with replacement
+    steps_per_epoch: int = 0  # 0: ceil(samples / (ranks x batch)) from the shard indexes written by make-shards
+    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: derived from data.resolution
+    shuffle_buffer: int = 100  # samples held for shuffling per reader worker (they include cached features)
+    max_bad_fraction: float = 0.01  # stop the run when more than this fraction of samples read is bad
+    cached_features: bool = True  # use encoder features stored in the shards (false: always encode live)
 
 
 @dataclass
@@ -101,6 +108,7 @@ class EngineConfig:
     zero_stage: int = 3
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
     dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    rendezvous_timeout_s: int = 900  # a rank that has not joined by then fails the job with a clear message
 
 
 @dataclass
@@ -214,7 +222,8 @@ _CHOICES = {
     "train.mixed_precision": ("no", "bf16"),
     "train.sft_sigma_sampling": ("shifted_uniform", "logit_normal", "uniform"),
     "train.device": ("auto", "cpu", "cuda"),
-    "data.type": ("folder",),
+    "data.type": ("folder", "webdataset"),
+    "data.sampling": ("epoch", "resampled"),
     "engine.type": ("torch", "deepspeed"),
     "engine.zero_stage": (2, 3),
     "engine.dist_backend": ("auto", "nccl", "gloo"),
@@ -240,7 +249,8 @@ def validate(cfg: Config) -> Config:
 
     for key in ("train.steps", "train.batch_size", "train.rollout_steps", "lora.rank", "lora.alpha",
                 "train.lr", "train.eps", "model.max_text_tokens", "model.teacher_max_tokens",
-                "output.log_every", "model.teacher_min_pixels", "model.teacher_max_pixels"):
+                "output.log_every", "model.teacher_min_pixels", "model.teacher_max_pixels",
+                "engine.rendezvous_timeout_s"):
         positive(key)
     for key in ("train.weight_decay", "train.grad_clip", "data.num_workers", "validation.every",
                 "validation.steps", "output.save_every", "checkpoint.every", "checkpoint.keep"):
@@ -255,6 +265,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.sigmas: need rollout_steps + 1 = {cfg.train.rollout_steps + 1} values, got {len(s)}")
         if not all(a > b for a, b in zip(s, s[1:])) or s[-1] != 0.0 or s[0] > 1.0:
             raise ConfigError(f"train.sigmas: must descend strictly from <= 1 to exactly 0, got {s}")
+    for key in ("data.steps_per_epoch", "data.shuffle_buffer"):
+        positive(key, allow_zero=True)
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    for i, b in enumerate(cfg.data.buckets):
+        if len(b) != 2 or any(r <= 0 or r % 16 for r in b):
+            raise ConfigError(f"data.buckets[{i}]: need [height, width], positive multiples of 16, got {b}")
     for key in ("data.resolution", "validation.resolution"):
         res = _get(cfg, key)
         if key == "validation.resolution" and not res:

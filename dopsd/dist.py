@@ -56,13 +56,26 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800, deepspeed: bo
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if deepspeed:
-        import deepspeed as ds
+    try:
+        if deepspeed:
+            import deepspeed as ds
 
-        ds.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
-    else:
-        dist.init_process_group(backend=backend, timeout=timeout)
+            ds.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
+    except Exception as e:  # the store raises DistStoreError / RuntimeError / TimeoutError by version
+        if "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower():
+            raise RendezvousTimeout(
+                f"rendezvous timed out after {timeout_s}s: rank {info.rank} of {info.world_size} waited at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} and not every rank joined. Check that "
+                f"every node started its processes and can reach that address (engine.rendezvous_timeout_s). "
+                f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from None
+        raise
     return info
+
+
+class RendezvousTimeout(RuntimeError):
+    """Not every rank reached the process-group rendezvous in time (a node never started, or is unreachable)."""
 
 
 def device_for(info: DistInfo, requested: str = "auto") -> torch.device:

@@ -26,6 +26,7 @@ from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
 from .models import load_backend, make_tiny_model
 from .objectives import dopsd_objective, sft_objective
+from .preemption import Preempted, StopSignals
 from .sampling import generate, save_grid
 from .teacher import STUDENT, TEACHER, EmaTeacher, set_active_adapter
 
@@ -61,7 +62,8 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         use_ds = cfg.engine.type == "deepspeed"
-        self.info = init_distributed(cfg.engine.dist_backend, deepspeed=use_ds)
+        self.info = init_distributed(cfg.engine.dist_backend, timeout_s=cfg.engine.rendezvous_timeout_s,
+                                     deepspeed=use_ds)
         self.is_main = self.info.is_main
         self.device = device_for(self.info, t.device)
         self.run_dir = Path(cfg.output.dir)
@@ -124,6 +126,7 @@ class Trainer:
             log.warning("data: skipped %d bad samples %s", sum(self.data.skipped.values()), dict(self.data.skipped))
         latent_shape = self.backend.latent_shape(t.batch_size, height, width)
         self.sigmas = list(t.sigmas) or self.backend.sigmas(t.rollout_steps, latent_shape)
+        self._sigmas_by_size = {(height, width): self.sigmas}  # aspect-ratio buckets: schedules by batch size
         self.timer = StepTimer(sync_cuda=self.device.type == "cuda")
         self.step = 0
         self.position: dict = {}  # where the data source continues from (stored in checkpoints)
@@ -147,21 +150,36 @@ class Trainer:
     def _finite(loss: torch.Tensor) -> bool:
         return all_true(bool(torch.isfinite(loss.detach()).all()))
 
+    def _batch_sigmas(self, images: torch.Tensor) -> list[float]:
+        """The roll-out schedule at this batch's size (with aspect-ratio buckets, batches differ in size; the
+        schedule depends on it for backends with resolution-dependent shifts)."""
+        size = (images.shape[-2], images.shape[-1])
+        if size not in self._sigmas_by_size:
+            shape = self.backend.latent_shape(images.shape[0], *size)
+            self._sigmas_by_size[size] = self.sigmas if self.cfg.train.sigmas else \
+                self.backend.sigmas(self.cfg.train.rollout_steps, shape)
+        return self._sigmas_by_size[size]
+
     def train_step(self, batch: dict) -> dict:
         t = self.cfg.train
         images = batch["image"].to(self.device)
         prompts = batch["prompt"]
+        # cached encoder features from the data (lists of per-sample tensors), when every sample has them
+        cached = {k: [c.to(self.device) for c in batch[k]] for k in ("student_context", "teacher_context")
+                  if batch.get(k) is not None}
+        sigmas = self._batch_sigmas(images)
         self.engine.zero_grad()
         with self.timer("objective"):
             if t.objective == "dopsd":
-                result = dopsd_objective(self.backend, self.model, self.teacher, prompts, images, self.sigmas,
+                result = dopsd_objective(self.backend, self.model, self.teacher, prompts, images, sigmas,
                                          self.engine.backward, self._generators(), loss_space=t.loss_space,
                                          per_step_backward=t.backward == "per_step", timer=self.timer,
-                                         autocast=self.autocast, finite=self._finite)
+                                         autocast=self.autocast, finite=self._finite, **cached)
             else:
                 result = sft_objective(self.backend, self.model, prompts, images, self.engine.backward,
                                        self._generators(), sigma_sampling=t.sft_sigma_sampling, timer=self.timer,
-                                       autocast=self.autocast, finite=self._finite)
+                                       autocast=self.autocast, finite=self._finite,
+                                       student_context=cached.get("student_context"))
         with self.timer("optimizer"):
             applied = False
             grad_norm = float("nan")
@@ -300,6 +318,7 @@ class Trainer:
         start_step = self.step
         bar = _progress(cfg.train.steps, cfg.output.progress_bar and self.is_main, initial=self.step)
         batches = self.data.batches(self.position)
+        stop = StopSignals()
         t_start = time.perf_counter()
         try:
             while self.step < cfg.train.steps:
@@ -325,6 +344,13 @@ class Trainer:
                     raise FloatingPointError(f"{self.bad_steps} consecutive non-finite steps; stopping "
                                              f"(no bad update was applied). Lower train.lr or check the data.")
                 last = self.step == cfg.train.steps
+                # every rank decides together: a signal can reach the ranks a step apart
+                if not last and not all_true(stop.requested is None):
+                    path = self.save_checkpoint()
+                    if self.is_main:
+                        log.warning("stop requested (%s): checkpoint written at step %d, exiting for requeue",
+                                    stop.requested or "another rank", self.step)
+                    raise Preempted(self.step, stop.requested or "peer", str(path))
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
                     self.save_checkpoint()
                 if cfg.output.save_every and self.step % cfg.output.save_every == 0 and not last:
@@ -338,6 +364,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            stop.restore()
         wall = time.perf_counter() - t_start
         if self.step > start_step or resumed is None:
             self.save_checkpoint()

@@ -1,0 +1,54 @@
+"""SIGTERM / SIGUSR1 to a training process: finish the step, write a complete checkpoint, exit 99; resuming
+continues the run exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from dopsd import checkpoint as ckpt
+from dopsd.preemption import PREEMPTED_EXIT_CODE
+
+
+def _losses(run):
+    out = {}
+    for line in (run / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_stops_with_checkpoint_and_resume_is_exact(make_config, tmp_path, sig):
+    from dopsd.trainer import Trainer
+
+    steps = 10
+    straight = make_config(f"train.steps={steps}", "validation.prompts=[]", out_dir=tmp_path / "straight")
+    Trainer(straight).fit()
+
+    cfg = make_config(f"train.steps={steps}", "validation.prompts=[]", out_dir=tmp_path / "stopped")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "dopsd.train", "--config", str(path), "--resume", "latest"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stopped/log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and _losses(tmp_path / "stopped")):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+    assert f"stopped by {signal.Signals(sig).name}" in err
+    latest = ckpt.find_latest(tmp_path / "stopped/checkpoints")
+    stopped_at = max(_losses(tmp_path / "stopped"))
+    assert latest is not None and latest.name == f"step_{stopped_at:08d}" and stopped_at < steps
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")
