@@ -1,5 +1,4 @@
 """The D-OPSD step and the SFT baseline against hand-written references on the tiny checkpoint."""
-import copy
 
 import pytest
 import torch
