@@ -59,18 +59,21 @@ def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompt
                     images: torch.Tensor, sigmas: list[float], backward: Callable[[torch.Tensor], None],
                     generators: list[torch.Generator], loss_space: str = "x0", per_step_backward: bool = True,
                     timer: Timer = _no_timer, autocast: Callable[[], ContextManager] = nullcontext,
-                    finite: Callable[[torch.Tensor], bool] = _always_finite) -> StepResult:
+                    finite: Callable[[torch.Tensor], bool] = _always_finite, student_context: Any = None,
+                    teacher_context: Any = None) -> StepResult:
     """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
 
     `teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
     or the EMA copy). Every call below happens in the same order on every rank, whatever the data.
     `finite(loss)` must agree on all ranks: a non-finite term is never backpropagated; the roll-out stops
     there and the step keeps the gradient of the finite terms before it.
+    `student_context` / `teacher_context`: precomputed contexts (cached features from the data); the encoders
+    are called only for a context that is not given.
     """
     num_steps = len(sigmas) - 1
     with timer("encode"), torch.no_grad():
-        c_student = backend.encode_student(prompts)
-        c_teacher = backend.encode_teacher(prompts, images)
+        c_student = backend.encode_student(prompts) if student_context is None else student_context
+        c_teacher = backend.encode_teacher(prompts, images) if teacher_context is None else teacher_context
     shape = backend.latent_shape(images.shape[0], images.shape[-2], images.shape[-1])
     x = per_sample_randn(shape, generators, backend.device)
 
@@ -117,13 +120,14 @@ def sft_objective(backend: Any, student: torch.nn.Module, prompts: list[str], im
                   backward: Callable[[torch.Tensor], None], generators: list[torch.Generator],
                   sigma_sampling: str = "shifted_uniform", timer: Timer = _no_timer,
                   autocast: Callable[[], ContextManager] = nullcontext,
-                  finite: Callable[[torch.Tensor], bool] = _always_finite) -> StepResult:
+                  finite: Callable[[torch.Tensor], bool] = _always_finite,
+                  student_context: Any = None) -> StepResult:
     """Vanilla flow matching on noised ground truth: x_s = (1 - s) x0 + s n, target v = n - x0.
 
     This is the off-policy baseline that the paper shows erodes few-step sampling.
     """
     with timer("encode"), torch.no_grad():
-        context = backend.encode_student(prompts)
+        context = backend.encode_student(prompts) if student_context is None else student_context
         x0 = torch.cat([backend.encode_images(images[i:i + 1], generator=g)
                         for i, g in enumerate(generators)]).float()
     noise = per_sample_randn(tuple(x0.shape), generators, x0.device)

@@ -103,6 +103,11 @@ class Trainer:
                 self.teacher = EmaTeacher.for_lora(module, t.ema_decay)
         else:
             module.requires_grad_(True)
+        self.kernels = cfg.model.kernels == "on" or (cfg.model.kernels == "auto" and self.device.type == "cuda")
+        if self.kernels:
+            patched = self.backend.apply_kernels(module)
+            if self.is_main:
+                log.info("Triton kernels patched into %d modules", patched)
         if cfg.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()
         module.train()
@@ -113,7 +118,12 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.model = self.model
         elif t.objective == "dopsd":  # full fine-tune: the teacher is a frozen twin, placed like the model
-            twin = self.engine.wrap_frozen(self.backend.new_transformer()) if self.engine.zero_stage >= 3 else None
+            twin = None
+            if self.engine.zero_stage >= 3:  # cannot deep-copy a sharded module: build a sharded twin
+                twin = self.backend.new_transformer()
+                if self.kernels:
+                    self.backend.apply_kernels(twin)
+                twin = self.engine.wrap_frozen(twin)
             self.teacher = EmaTeacher.for_full(self.module, t.ema_decay, twin)
         if self.teacher is not None:
             self.teacher.use_local_view(self.engine.local)

@@ -8,6 +8,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Triton's interpreter must be chosen before anything imports triton (diffusers and deepspeed may, while
+# test modules are collected); without a GPU the kernel tests run in it.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

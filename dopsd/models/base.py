@@ -54,6 +54,9 @@ class Backend(Protocol):
         """Write a diffusers-format LoRA (loadable with the family's pipeline `load_lora_weights`);
         `metadata` is the peft LoraConfig as a dict (rank, alpha, targets)."""
 
+    def apply_kernels(self, transformer: nn.Module) -> int:
+        """Patch dopsd_kernels' fused ops into the network's blocks in place; returns modules patched."""
+
     def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
         """Load a LoRA written by `save_lora` (or by any diffusers-compatible trainer)."""
 

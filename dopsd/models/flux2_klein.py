@@ -348,6 +348,12 @@ class Flux2KleinBackend:
                                              transformer_lora_adapter_metadata=metadata)
         return out_dir / "pytorch_lora_weights.safetensors"
 
+    def apply_kernels(self, transformer: nn.Module) -> int:
+        """Swap the Triton kernels into the DiT's blocks (state_dict unchanged); returns modules patched."""
+        from dopsd_kernels.patch import patch_flux2
+
+        return patch_flux2(getattr(transformer, "module", transformer))
+
     def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
         """Load a diffusers-format LoRA (file or folder) exactly as `Flux2KleinPipeline.load_lora_weights` does."""
         from diffusers import Flux2KleinPipeline

@@ -55,10 +55,13 @@ class ZImageBackend:
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict,
                  teacher_encoder_path: Path, device: torch.device, max_text_tokens: int = 512,
                  teacher_max_tokens: int = 1024, teacher_min_pixels: int = 512 * 512,
-                 teacher_max_pixels: int = 768 * 768):
+                 teacher_max_pixels: int = 768 * 768, text_encoder_loader=None):
         self.transformer = transformer
         self.vae = vae
-        self.text_encoder = text_encoder
+        # The text encoder may be given as a loader, called on first use: a run whose samples all carry cached
+        # features (dopsd make-shards) never loads it.
+        self._text_encoder = text_encoder
+        self._text_encoder_loader = text_encoder_loader
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.teacher_encoder_path = teacher_encoder_path
@@ -69,6 +72,19 @@ class ZImageBackend:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._teacher = None  # (vl_model, tokenizer, image_processor), loaded on first use (SFT never needs it)
         self._warned_truncation = False
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        if self._text_encoder is None:
+            if self._text_encoder_loader is None:
+                raise RuntimeError("this Z-Image backend has no text encoder")
+            self._text_encoder = self._text_encoder_loader()
+            log.info("loaded the text encoder")
+        return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, module: nn.Module) -> None:
+        self._text_encoder = module
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu", transformer_loader=None) -> "ZImageBackend":
@@ -95,13 +111,19 @@ class ZImageBackend:
         transformer = new_transformer()
         vae = _freeze(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
                                                     use_safetensors=True).to(dev))
-        text_encoder = _freeze(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
-                                                          use_safetensors=True).to(dev))
+        if not (path / "text_encoder").is_dir():
+            raise FileNotFoundError(f"model.path: {path} has no text_encoder/")
+
+        def load_text_encoder() -> nn.Module:  # on first encode call (lazy: cached features need none)
+            return _freeze(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                      use_safetensors=True).to(dev))
+
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
         teacher_path = Path(cfg.teacher_encoder_path) if cfg.teacher_encoder_path else path / "teacher_encoder"
-        backend = cls(transformer, vae, text_encoder, tokenizer, scheduler_config, teacher_path, dev,
-                      cfg.max_text_tokens, cfg.teacher_max_tokens, cfg.teacher_min_pixels, cfg.teacher_max_pixels)
+        backend = cls(transformer, vae, None, tokenizer, scheduler_config, teacher_path, dev,
+                      cfg.max_text_tokens, cfg.teacher_max_tokens, cfg.teacher_min_pixels, cfg.teacher_max_pixels,
+                      text_encoder_loader=load_text_encoder)
         backend.new_transformer = new_transformer
         return backend
 
@@ -226,6 +248,12 @@ class ZImageBackend:
         ZImagePipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
                                          transformer_lora_adapter_metadata=metadata)
         return out_dir / "pytorch_lora_weights.safetensors"
+
+    def apply_kernels(self, transformer: nn.Module) -> int:
+        """Swap the Triton kernels into the DiT's blocks (state_dict unchanged); returns modules patched."""
+        from dopsd_kernels.patch import patch_zimage
+
+        return patch_zimage(getattr(transformer, "module", transformer))
 
     def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
         """Load a diffusers-format LoRA (file or folder) exactly as `ZImagePipeline.load_lora_weights` does,

@@ -1,0 +1,122 @@
+"""`dopsd make-shards`: inputs (folder, JSONL manifest, img2dataset-style shards), bad inputs, resumability, CLI."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dopsd.data.shards import make_shards
+
+wds = pytest.importorskip("webdataset")
+
+
+def _images(root: Path, count: int) -> Path:
+    from dopsd.data.synthetic import draw_concept
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for i in range(count):
+        draw_concept(rng, 32)[0].save(root / f"img.{i:02d}.png")  # a dot in the stem: keys must not keep it
+        (root / f"img.{i:02d}.txt").write_text(f"first caption {i}\nsecond caption {i}\n")
+    return root
+
+
+def _read(out: Path) -> list[dict]:
+    return list(wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")), shardshuffle=False))
+
+
+def test_folder_to_shards_with_bad_inputs_and_indexes(tmp_path):
+    src = _images(tmp_path / "in", 7)
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (src / "corrupt.txt").write_text("x\n")
+    Image.new("RGB", (8, 8)).save(src / "lonely.png")
+    summary = make_shards(str(src), str(tmp_path / "out"), samples_per_shard=3, progress=False)
+    assert summary["samples"] == 7 and summary["shards"] == 3 and summary["input_kind"] == "folder"
+    assert summary["skipped"] == {"bad_image": 1, "missing_caption": 1}
+    samples = _read(tmp_path / "out")
+    assert len(samples) == 7 and all("." not in s["__key__"] for s in samples)
+    first = samples[0]
+    assert json.loads(first["json"])["captions"] == ["first caption 0", "second caption 0"]
+    assert first["txt"].decode() == "first caption 0\nsecond caption 0"
+    assert Image.open(io.BytesIO(first["png"])).size == (32, 32)
+    index = json.loads((tmp_path / "out/shard-000000.tar.json").read_text())
+    assert index["samples"] == 3 and index["complete"] and index["first_input"] == 0
+    assert sum(json.loads(p.read_text())["samples"] for p in (tmp_path / "out").glob("shard-*.tar.json")) == 7
+
+
+def test_interrupted_run_resumes_and_skips_finished_shards(tmp_path, monkeypatch):
+    src = _images(tmp_path / "in", 10)
+    out = tmp_path / "out"
+    import dopsd.data.shards as shards_mod
+
+    real = shards_mod.folder_records
+
+    def interrupted(root):
+        total, records = real(root)
+
+        def gen():
+            for r in records:
+                if r.index == 7:
+                    raise KeyboardInterrupt
+                yield r
+        return total, gen()
+
+    monkeypatch.setattr(shards_mod, "folder_records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(str(src), str(out), samples_per_shard=3, progress=False)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert (out / "shard-000002.tar.partial").exists()  # the unfinished shard never has its final name
+    monkeypatch.setattr(shards_mod, "folder_records", real)
+    summary = make_shards(str(src), str(out), samples_per_shard=3, progress=False)
+    assert summary["shards_skipped"] == 2 and summary["samples_in_skipped_shards"] == 6
+    assert summary["shards_written"] == 2 and summary["samples_written"] == 4 and summary["samples"] == 10
+    assert not list(out.glob("*.partial"))
+    keys = [s["__key__"] for s in _read(out)]
+    assert len(keys) == len(set(keys)) == 10
+    # a finished set is a no-op; other settings are refused unless --overwrite
+    again = make_shards(str(src), str(out), samples_per_shard=3, progress=False)
+    assert again["samples_written"] == 0 and again["samples"] == 10
+    with pytest.raises(ValueError, match="other settings"):
+        make_shards(str(src), str(out), samples_per_shard=4, progress=False)
+    assert make_shards(str(src), str(out), samples_per_shard=4, progress=False, overwrite=True)["shards"] == 3
+
+
+def test_manifest_and_img2dataset_inputs(tmp_path):
+    src = _images(tmp_path / "in", 3)
+    lines = [json.dumps({"image": f"in/img.{i:02d}.png", "captions": {"short": f"s{i}", "long": f"l{i}"}})
+             for i in range(3)]
+    lines.insert(1, "{not json")
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    summary = make_shards(str(tmp_path / "data.jsonl"), str(tmp_path / "m"), progress=False)
+    assert summary["samples"] == 3 and summary["skipped"] == {"bad_record": 1}
+    assert [json.loads(s["json"])["captions"] for s in _read(tmp_path / "m")][0] == ["s0", "l0"]
+
+    # img2dataset layout: KEY.jpg + KEY.txt + KEY.json({"caption", "url", ...}) per key
+    with wds.TarWriter(str(tmp_path / "i2d-00000.tar")) as w:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.open(src / f"img.{i:02d}.png").convert("RGB").save(buf, format="JPEG")
+            w.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"caption {i}".encode(),
+                     "json": json.dumps({"caption": f"caption {i}", "url": f"http://x/{i}", "status": "success"}
+                                        ).encode()})
+    summary = make_shards(str(tmp_path / "i2d-{00000..00001}.tar"), str(tmp_path / "s"), progress=False)
+    assert summary["samples"] == 3 and summary["input_kind"] == "shards"
+    assert summary["skipped"] == {"unreadable_shard": 1}  # i2d-00001.tar does not exist
+    samples = _read(tmp_path / "s")
+    assert [s["txt"].decode() for s in samples] == ["caption 0", "caption 1", "caption 2"]
+    assert json.loads(samples[0]["json"])["meta"]["url"] == "http://x/0" and "jpg" in samples[0]
+
+
+def test_cli_make_shards(tmp_path, capsys):
+    from dopsd.cli import main
+
+    src = _images(tmp_path / "in", 4)
+    assert main(["make-shards", str(src), str(tmp_path / "out"), "--samples-per-shard", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 shards, 4 samples" in out and "bad inputs skipped: none" in out
+    assert main(["make-shards", str(src), str(tmp_path / "out2"), "--features", "all", "--no-progress"]) == 2
+    assert "--features needs --config" in capsys.readouterr().err
