@@ -32,7 +32,7 @@ class ModelConfig:
     dtype: str = "float32"  # storage dtype of frozen weights: float32 | bfloat16
     gradient_checkpointing: bool = False
     attention_backend: str = ""  # diffusers attention backend name; empty = default (SDPA)
-    # Triton kernels (dopsd_kernels) in the DiT blocks and the loss: auto = on CUDA; on; off.
+    # Triton kernels (dopsd_kernels) in the DiT blocks and the loss: auto (on CUDA) | always | never.
     # DOPSD_KERNELS=0 in the environment turns them off whatever this says.
     kernels: str = "auto"
     max_text_tokens: int = 512
@@ -217,7 +217,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 _CHOICES = {
     "model.backend": ("zimage", "flux2_klein"),
     "model.dtype": ("float32", "bfloat16"),
-    "model.kernels": ("auto", "on", "off"),
+    "model.kernels": ("auto", "always", "never"),
     "lora.init": ("gaussian", "zeros"),
     "train.mode": ("lora", "full"),
     "train.objective": ("dopsd", "sft"),

@@ -60,7 +60,7 @@ def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompt
                     generators: list[torch.Generator], loss_space: str = "x0", per_step_backward: bool = True,
                     timer: Timer = _no_timer, autocast: Callable[[], ContextManager] = nullcontext,
                     finite: Callable[[torch.Tensor], bool] = _always_finite, student_context: Any = None,
-                    teacher_context: Any = None) -> StepResult:
+                    teacher_context: Any = None, loss_fn: Callable[..., torch.Tensor] = distill_loss) -> StepResult:
     """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
 
     `teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
@@ -87,7 +87,7 @@ def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompt
             v_t = backend.velocity(teacher_model, x, s, c_teacher)
         with timer("student"), autocast():
             v_s = backend.velocity(student, x, s, c_student)
-        loss_k = distill_loss(x, v_s, v_t, s, loss_space)
+        loss_k = loss_fn(x, v_s, v_t, s, loss_space)  # `distill_loss`, or dopsd_kernels' fused one
         terms.append(loss_k.item())
         if per_step_backward:
             if not finite(loss_k):

@@ -24,7 +24,7 @@ from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, bro
 from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
 from .models import load_backend, make_tiny_model
-from .objectives import dopsd_objective, sft_objective
+from .objectives import distill_loss, dopsd_objective, sft_objective
 from .preemption import Preempted, StopSignals
 from .sampling import generate, save_grid
 from .teacher import STUDENT, TEACHER, EmaTeacher, set_active_adapter
@@ -103,8 +103,13 @@ class Trainer:
                 self.teacher = EmaTeacher.for_lora(module, t.ema_decay)
         else:
             module.requires_grad_(True)
-        self.kernels = cfg.model.kernels == "on" or (cfg.model.kernels == "auto" and self.device.type == "cuda")
+        kernels = cfg.model.kernels
+        self.kernels = kernels == "always" or (kernels == "auto" and self.device.type == "cuda")
+        self.loss_fn = distill_loss
         if self.kernels:
+            from dopsd_kernels import distill_loss as fused_loss
+
+            self.loss_fn = fused_loss
             patched = self.backend.apply_kernels(module)
             if self.is_main:
                 log.info("Triton kernels patched into %d modules", patched)
@@ -183,7 +188,8 @@ class Trainer:
                 result = dopsd_objective(self.backend, self.model, self.teacher, prompts, images, sigmas,
                                          self.engine.backward, self._generators(), loss_space=t.loss_space,
                                          per_step_backward=t.backward == "per_step", timer=self.timer,
-                                         autocast=self.autocast, finite=self._finite, **cached)
+                                         autocast=self.autocast, finite=self._finite, loss_fn=self.loss_fn,
+                                         **cached)
             else:
                 result = sft_objective(self.backend, self.model, prompts, images, self.engine.backward,
                                        self._generators(), sigma_sampling=t.sft_sigma_sampling, timer=self.timer,

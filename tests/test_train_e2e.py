@@ -109,3 +109,18 @@ def test_bad_data_is_skipped_and_counted(make_config, concept_dir, tmp_path):
     assert records[0]["data_skipped"] == summary["data_skipped"]
     log = (tmp_path / "run/train.log").read_text()
     assert "corrupt.png" in log and "nocaption.png" in log
+
+
+def test_kernels_switch_patches_model_and_loss_without_changing_results(make_config, tmp_path):
+    # On CPU the kernels run in Triton's interpreter (tests/conftest.py): slow, so one short step.
+    base = ("train.steps=1", "train.batch_size=1", "train.rollout_steps=2", "validation.prompts=[]")
+    off = Trainer(make_config(*base, "model.kernels=never", out_dir=tmp_path / "off"))
+    on = Trainer(make_config(*base, "model.kernels=always", out_dir=tmp_path / "on"))
+    assert not off.kernels and on.kernels and on.loss_fn is not off.loss_fn
+    patched = [m for m in on.module.modules() if "_dopsd_orig_forward" in m.__dict__]
+    assert patched and on.module.state_dict().keys() == off.module.state_dict().keys()
+    a, b = off.fit(), on.fit()
+    la = [json.loads(x) for x in open(tmp_path / "off/log.jsonl") if '"loss"' in x][0]
+    lb = [json.loads(x) for x in open(tmp_path / "on/log.jsonl") if '"loss"' in x][0]
+    assert la["loss"] == pytest.approx(lb["loss"], rel=1e-4) and la["grad_norm"] == pytest.approx(lb["grad_norm"], rel=1e-3)
+    assert a["steps"] == b["steps"] == 1
