@@ -25,10 +25,11 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from .diffusers_io import DiffusersIO
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ def read_out_layers(model_dir: Path) -> tuple[int, ...]:
     return DEFAULT_OUT_LAYERS
 
 
-class Flux2KleinBackend:
+class Flux2KleinBackend(DiffusersIO):
+    pipeline_name = "Flux2KleinPipeline"
+    kernel_patch = "patch_flux2"
     name = "flux2_klein"
     lora_targets = LORA_TARGETS
 
@@ -335,46 +338,3 @@ class Flux2KleinBackend:
         z = self.to_vae_latents(latents)
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    # ------------------------------------------------------------------------------------------------
-    # Export
-
-    def save_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
-        from diffusers import Flux2KleinPipeline
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # The metadata carries rank and alpha; without it the loader assumes alpha == rank.
-        Flux2KleinPipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
-                                             transformer_lora_adapter_metadata=metadata)
-        return out_dir / "pytorch_lora_weights.safetensors"
-
-    def apply_kernels(self, transformer: nn.Module) -> int:
-        """Swap the Triton kernels into the DiT's blocks (state_dict unchanged); returns modules patched."""
-        from dopsd_kernels.patch import patch_flux2
-
-        return patch_flux2(getattr(transformer, "module", transformer))
-
-    def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
-        """Load a diffusers-format LoRA (file or folder) exactly as `Flux2KleinPipeline.load_lora_weights` does."""
-        from diffusers import Flux2KleinPipeline
-
-        state, metadata = Flux2KleinPipeline.lora_state_dict(str(path), return_lora_metadata=True,
-                                                             use_safetensors=True)
-        Flux2KleinPipeline.load_lora_into_transformer(state, transformer, adapter_name=adapter_name,
-                                                      metadata=metadata)
-
-    def save_transformer(self, transformer: nn.Module, out_dir: Path,
-                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """`save_pretrained` layout; with `state_dict` (weights consolidated from shards), those tensors."""
-        target = out_dir / "transformer"
-        if state_dict is None:
-            transformer.save_pretrained(target, safe_serialization=True)
-        else:
-            from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-            from safetensors.torch import save_file
-
-            target.mkdir(parents=True, exist_ok=True)
-            transformer.save_config(target)
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, target / SAFETENSORS_WEIGHTS_NAME,
-                      metadata={"format": "pt"})
-        return target

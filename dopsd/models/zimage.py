@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from .diffusers_io import DiffusersIO
 from ..schedule import few_step_sigmas
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def graft_language_model(vl_model: nn.Module, text_encoder: nn.Module) -> None:
     vl_model.lm_head = nn.Identity()
 
 
-class ZImageBackend:
+class ZImageBackend(DiffusersIO):
+    pipeline_name = "ZImagePipeline"
+    kernel_patch = "patch_zimage"
     name = "zimage"
     lora_targets = LORA_TARGETS
 
@@ -236,44 +238,3 @@ class ZImageBackend:
         z = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    # ------------------------------------------------------------------------------------------------
-    # Export
-
-    def save_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
-        from diffusers import ZImagePipeline
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # The metadata carries rank and alpha; without it the loader assumes alpha == rank.
-        ZImagePipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
-                                         transformer_lora_adapter_metadata=metadata)
-        return out_dir / "pytorch_lora_weights.safetensors"
-
-    def apply_kernels(self, transformer: nn.Module) -> int:
-        """Swap the Triton kernels into the DiT's blocks (state_dict unchanged); returns modules patched."""
-        from dopsd_kernels.patch import patch_zimage
-
-        return patch_zimage(getattr(transformer, "module", transformer))
-
-    def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
-        """Load a diffusers-format LoRA (file or folder) exactly as `ZImagePipeline.load_lora_weights` does,
-        rank/alpha metadata included."""
-        from diffusers import ZImagePipeline
-
-        state, metadata = ZImagePipeline.lora_state_dict(str(path), return_lora_metadata=True, use_safetensors=True)
-        ZImagePipeline.load_lora_into_transformer(state, transformer, adapter_name=adapter_name, metadata=metadata)
-
-    def save_transformer(self, transformer: nn.Module, out_dir: Path,
-                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        target = out_dir / "transformer"
-        if state_dict is None:
-            transformer.save_pretrained(target, safe_serialization=True)
-        else:  # weights consolidated elsewhere (ZeRO-3): same layout, written from the given tensors
-            from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-            from safetensors.torch import save_file
-
-            target.mkdir(parents=True, exist_ok=True)
-            transformer.save_config(target)
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, target / SAFETENSORS_WEIGHTS_NAME,
-                      metadata={"format": "pt"})
-        return target

@@ -1,0 +1,55 @@
+"""What every backend built on a diffusers pipeline class does the same way: LoRA files in the diffusers
+format, full weights in the `save_pretrained` layout, and the Triton kernel patch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class DiffusersIO:
+    pipeline_name: str  # the diffusers pipeline class whose LoRA format and loader the files follow
+    kernel_patch: str  # the dopsd_kernels.patch function for this family's blocks
+
+    def _pipeline(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_name)
+
+    def save_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # The metadata carries rank and alpha; without it the loader assumes alpha == rank.
+        self._pipeline().save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
+                                           transformer_lora_adapter_metadata=metadata)
+        return out_dir / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
+        """Load a diffusers-format LoRA (file or folder) exactly as the pipeline's `load_lora_weights` does,
+        rank/alpha metadata included."""
+        pipe = self._pipeline()
+        state, metadata = pipe.lora_state_dict(str(path), return_lora_metadata=True, use_safetensors=True)
+        pipe.load_lora_into_transformer(state, transformer, adapter_name=adapter_name, metadata=metadata)
+
+    def save_transformer(self, transformer: nn.Module, out_dir: Path,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """`save_pretrained` layout; with `state_dict` (weights consolidated from ZeRO-3 shards), those tensors."""
+        target = out_dir / "transformer"
+        if state_dict is None:
+            transformer.save_pretrained(target, safe_serialization=True)
+            return target
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+        from safetensors.torch import save_file
+
+        target.mkdir(parents=True, exist_ok=True)
+        transformer.save_config(target)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, target / SAFETENSORS_WEIGHTS_NAME,
+                  metadata={"format": "pt"})
+        return target
+
+    def apply_kernels(self, transformer: nn.Module) -> int:
+        """Swap the Triton kernels into the DiT's blocks (state_dict unchanged); returns modules patched."""
+        from dopsd_kernels import patch
+
+        return getattr(patch, self.kernel_patch)(getattr(transformer, "module", transformer))
