@@ -53,3 +53,29 @@ class DiffusersIO:
         from dopsd_kernels import patch
 
         return getattr(patch, self.kernel_patch)(getattr(transformer, "module", transformer))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Frozen, in eval mode: encoders and VAEs never train."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def transformer_factory(cls_name: str, path: Path, dtype: torch.dtype, device: torch.device, loader=None,
+                        attention_backend: str = ""):
+    """A function building the trained network at its pretrained weights with `loader` (default diffusers'
+    from_pretrained; the ZeRO-3 engine passes a sharded one). Called again for a full fine-tune teacher twin."""
+    def build() -> nn.Module:
+        import diffusers
+
+        from . import pretrained_loader
+
+        model = (loader or pretrained_loader)(getattr(diffusers, cls_name), path, "transformer", dtype).to(device)
+        if attention_backend:
+            model.set_attention_backend(attention_backend)
+        return model
+
+    return build

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .diffusers_io import DiffusersIO
+from .diffusers_io import DTYPES, DiffusersIO, freeze, transformer_factory
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,7 @@ DEFAULT_OUT_LAYERS = (9, 18, 27)  # the pipeline's default `text_encoder_out_lay
 REFERENCE_T_SCALE = 10  # reference image i gets T = 10 + 10 i, as in the pipeline's `_prepare_image_ids`
 NATIVE_STEPS = 4  # klein's distilled step count (used for the SFT noise-level shift only)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-
-def _freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,7 +175,6 @@ class Flux2KleinBackend(DiffusersIO):
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-        from . import pretrained_loader
 
         path = Path(cfg.path)
         if not (path / "transformer").is_dir():
@@ -188,22 +182,15 @@ class Flux2KleinBackend(DiffusersIO):
         if cfg.teacher_encoder_path:
             log.warning("model.teacher_encoder_path is ignored by flux2_klein: its teacher is the model's own "
                         "reference-image path")
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         dev = torch.device(device)
-        loader = transformer_loader or pretrained_loader
-
-        def new_transformer() -> nn.Module:
-            from diffusers import Flux2Transformer2DModel
-
-            model = loader(Flux2Transformer2DModel, path, "transformer", dtype).to(dev)
-            if cfg.attention_backend:
-                model.set_attention_backend(cfg.attention_backend)
-            return model
+        new_transformer = transformer_factory("Flux2Transformer2DModel", path, dtype, dev, transformer_loader,
+                                              cfg.attention_backend)
 
         transformer = new_transformer()
-        vae = _freeze(AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+        vae = freeze(AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
                                                          use_safetensors=True).to(dev))
-        text_encoder = _freeze(Qwen3ForCausalLM.from_pretrained(path / "text_encoder", dtype=dtype,
+        text_encoder = freeze(Qwen3ForCausalLM.from_pretrained(path / "text_encoder", dtype=dtype,
                                                                 use_safetensors=True).to(dev))
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))

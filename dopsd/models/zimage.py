@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .diffusers_io import DiffusersIO
+from .diffusers_io import DTYPES, DiffusersIO, freeze, transformer_factory
 from ..schedule import few_step_sigmas
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,7 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-
-def _freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
 
 
 def graft_language_model(vl_model: nn.Module, text_encoder: nn.Module) -> None:
@@ -93,31 +88,23 @@ class ZImageBackend(DiffusersIO):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, Qwen3Model
 
-        from . import pretrained_loader
 
         path = Path(cfg.path)
         if not (path / "transformer").is_dir():
             raise FileNotFoundError(f"model.path: {path} is not a Z-Image model directory (no transformer/)")
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         dev = torch.device(device)
-        loader = transformer_loader or pretrained_loader
-
-        def new_transformer() -> nn.Module:
-            from diffusers import ZImageTransformer2DModel
-
-            model = loader(ZImageTransformer2DModel, path, "transformer", dtype).to(dev)
-            if cfg.attention_backend:
-                model.set_attention_backend(cfg.attention_backend)
-            return model
+        new_transformer = transformer_factory("ZImageTransformer2DModel", path, dtype, dev, transformer_loader,
+                                              cfg.attention_backend)
 
         transformer = new_transformer()
-        vae = _freeze(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+        vae = freeze(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
                                                     use_safetensors=True).to(dev))
         if not (path / "text_encoder").is_dir():
             raise FileNotFoundError(f"model.path: {path} has no text_encoder/")
 
         def load_text_encoder() -> nn.Module:  # on first encode call (lazy: cached features need none)
-            return _freeze(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
+            return freeze(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
                                                       use_safetensors=True).to(dev))
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -160,7 +147,7 @@ class ZImageBackend(DiffusersIO):
             vl = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=self.text_encoder.dtype,
                                                                  use_safetensors=True)
             graft_language_model(vl, self.text_encoder)
-            vl = _freeze(vl.to(self.device))
+            vl = freeze(vl.to(self.device))
             self._teacher = (vl, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
         return self._teacher
 
