@@ -84,6 +84,7 @@ def reference_run(cluster, job_config):
                          cwd=root)
     info = cluster.wait(job)
     assert info["JobState"] == "COMPLETED", (info, _job_log(root, job))
+    assert info.get("Restarts") == "0", info  # a run that finished its steps is not requeued
     return out, job
 
 
