@@ -26,15 +26,12 @@ def _ln_stats(x, cmask, D, eps):
     return mean, 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps), xc
 
 
-@triton.jit
-def _ln_mod_fwd_kernel(X, S, SH, Y, MEAN, RSTD, n_rows, rows_per_sample, D, s_stride, sh_stride, eps,
+@device_fn
+def _ln_modulate_store(x, mask, rmask, rows, b, S, SH, Y, MEAN, RSTD, D, s_stride, sh_stride, eps,
                        HAS_S: tl.constexpr, HAS_SH: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    b = rows // rows_per_sample
-    offs, mask = _tile(rows, rmask, D, BLOCK_D)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+                       BLOCK_D: tl.constexpr, offs):
+    """LayerNorm(x) * (1 + scale) + shift stored to Y, with each row's mean and rstd (shared by the plain op
+    and the fused residual op)."""
     mean, rstd, xc = _ln_stats(x, mask, D, eps)
     h = xc * rstd[:, None]
     if HAS_S:
@@ -44,6 +41,19 @@ def _ln_mod_fwd_kernel(X, S, SH, Y, MEAN, RSTD, n_rows, rows_per_sample, D, s_st
     tl.store(Y + offs, h.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _ln_mod_fwd_kernel(X, S, SH, Y, MEAN, RSTD, n_rows, rows_per_sample, D, s_stride, sh_stride, eps,
+                       HAS_S: tl.constexpr, HAS_SH: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    b = rows // rows_per_sample
+    offs, mask = _tile(rows, rmask, D, BLOCK_D)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    _ln_modulate_store(x, mask, rmask, rows, b, S, SH, Y, MEAN, RSTD, D, s_stride, sh_stride, eps,
+                       HAS_S, HAS_SH, ACC, BLOCK_M, BLOCK_D, offs)
 
 
 @device_fn

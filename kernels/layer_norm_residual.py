@@ -17,7 +17,7 @@ import torch
 from . import reference
 from ._common import (acc_dtype, acc_torch_dtype, block_size, layer_norm_out_dtype, num_warps_for,
                       param_layout_ok, per_sample_rows, promote, rows_per_tile, split_rows, tl, triton, use_triton)
-from .layer_norm import _ln_bwd_rows, _ln_stats, reduce_sample_partials
+from .layer_norm import _ln_bwd_rows, _ln_modulate_store, reduce_sample_partials
 from .rms_norm import _load_param, _load_param_rows, _tile
 
 
@@ -35,15 +35,8 @@ def _res_ln_fwd_kernel(X, Y, G, S, SH, XO, H, MEAN, RSTD, n_rows, rows_per_sampl
     xo = tl.load(X + offs, mask=mask, other=0.0).to(ACC) + y
     tl.store(XO + offs, xo.to(XO.dtype.element_ty), mask=mask)
     if HAS_NORM:
-        mean, rstd, xc = _ln_stats(xo, mask, D, eps)
-        h = xc * rstd[:, None]
-        if HAS_S:
-            h = h * (1.0 + _load_param_rows(S, b * s_stride, mask, BLOCK_M, BLOCK_D, ACC, True, 0.0))
-        if HAS_SH:
-            h = h + _load_param_rows(SH, b * sh_stride, mask, BLOCK_M, BLOCK_D, ACC, True, 0.0)
-        tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
-        tl.store(MEAN + rows, mean, mask=rmask)
-        tl.store(RSTD + rows, rstd, mask=rmask)
+        _ln_modulate_store(xo, mask, rmask, rows, b, S, SH, H, MEAN, RSTD, D, s_stride, sh_stride, eps,
+                           HAS_S, HAS_SH, ACC, BLOCK_M, BLOCK_D, offs)
 
 
 @triton.jit
