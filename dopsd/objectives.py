@@ -55,12 +55,19 @@ def _always_finite(_: torch.Tensor) -> bool:
     return True
 
 
+def _references(references: list[torch.Tensor] | None) -> dict:
+    """Keyword for the encoders: passed only with editing data, so that text-only backends written against the
+    older protocol (prompts only) keep working."""
+    return {"references": references} if references else {}
+
+
 def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompts: list[str],
                     images: torch.Tensor, sigmas: list[float], backward: Callable[[torch.Tensor], None],
                     generators: list[torch.Generator], loss_space: str = "x0", per_step_backward: bool = True,
                     timer: Timer = _no_timer, autocast: Callable[[], ContextManager] = nullcontext,
                     finite: Callable[[torch.Tensor], bool] = _always_finite, student_context: Any = None,
-                    teacher_context: Any = None, loss_fn: Callable[..., torch.Tensor] = distill_loss) -> StepResult:
+                    teacher_context: Any = None, loss_fn: Callable[..., torch.Tensor] = distill_loss,
+                    references: list[torch.Tensor] | None = None) -> StepResult:
     """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
 
     `teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
@@ -69,11 +76,14 @@ def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompt
     there and the step keeps the gradient of the finite terms before it.
     `student_context` / `teacher_context`: precomputed contexts (cached features from the data); the encoders
     are called only for a context that is not given.
+    `references` (editing data): one (B, 3, H_i, W_i) batch per reference slot, given to both encoders; the
+    teacher's context adds the target after them.
     """
     num_steps = len(sigmas) - 1
+    refs = _references(references)
     with timer("encode"), torch.no_grad():
-        c_student = backend.encode_student(prompts) if student_context is None else student_context
-        c_teacher = backend.encode_teacher(prompts, images) if teacher_context is None else teacher_context
+        c_student = backend.encode_student(prompts, **refs) if student_context is None else student_context
+        c_teacher = backend.encode_teacher(prompts, images, **refs) if teacher_context is None else teacher_context
     shape = backend.latent_shape(images.shape[0], images.shape[-2], images.shape[-1])
     x = per_sample_randn(shape, generators, backend.device)
 
@@ -121,13 +131,15 @@ def sft_objective(backend: Any, student: torch.nn.Module, prompts: list[str], im
                   sigma_sampling: str = "shifted_uniform", timer: Timer = _no_timer,
                   autocast: Callable[[], ContextManager] = nullcontext,
                   finite: Callable[[torch.Tensor], bool] = _always_finite,
-                  student_context: Any = None) -> StepResult:
+                  student_context: Any = None, references: list[torch.Tensor] | None = None) -> StepResult:
     """Vanilla flow matching on noised ground truth: x_s = (1 - s) x0 + s n, target v = n - x0.
 
-    This is the off-policy baseline that the paper shows erodes few-step sampling.
+    This is the off-policy baseline that the paper shows erodes few-step sampling. With editing data the
+    student context holds the references, as at inference.
     """
     with timer("encode"), torch.no_grad():
-        context = backend.encode_student(prompts) if student_context is None else student_context
+        context = backend.encode_student(prompts, **_references(references)) if student_context is None \
+            else student_context
         x0 = torch.cat([backend.encode_images(images[i:i + 1], generator=g)
                         for i, g in enumerate(generators)]).float()
     noise = per_sample_randn(tuple(x0.shape), generators, x0.device)

@@ -28,13 +28,15 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(backend: Any, transformer: torch.nn.Module, prompts: list[str], seeds: list[int], height: int,
-             width: int, num_steps: int) -> torch.Tensor:
-    """Images in [0, 1], ordered prompt-major: (len(prompts) * len(seeds), 3, H, W)."""
+             width: int, num_steps: int, references: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Images in [0, 1], ordered prompt-major: (len(prompts) * len(seeds), 3, H, W). `references`: (3, H_i, W_i)
+    input images given with every prompt (editing: the prompts are instructions), as `pipeline(image=[...])`."""
     shape = backend.latent_shape(1, height, width)
     sigmas = backend.sigmas(num_steps, shape)
+    refs = {"references": [r.unsqueeze(0).to(backend.device) for r in references]} if references else {}
     images = []
     for prompt in prompts:
-        context = backend.encode_student([prompt])
+        context = backend.encode_student([prompt], **refs)
         for seed in seeds:
             latents = rollout(backend, transformer, context, seeded_noise(shape, seed).to(backend.device), sigmas)
             images.append(backend.decode_latents(latents).cpu())

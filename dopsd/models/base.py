@@ -20,11 +20,16 @@ class Backend(Protocol):
     device: torch.device
 
     # --- conditioning (frozen encoders; called under no_grad) ---
-    def encode_student(self, prompts: list[str]) -> Any:
-        """Text-only context: exactly what inference sees."""
+    # `references` (editing data): one (B, 3, H_i, W_i) tensor in [0, 1] per reference slot, the i-th input
+    # image of every sample of the batch (samples are bucketed so that slot sizes agree). None or [] means
+    # text-to-image. Backends without an image-conditioning path raise ValueError (`refuse_references`).
+    def encode_student(self, prompts: list[str], references: list[torch.Tensor] | None = None) -> Any:
+        """What inference sees: the prompt (and the reference images of an editing sample)."""
 
-    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> Any:
-        """Privileged context: prompt + target image (images in [0, 1], shape (B, 3, H, W))."""
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor,
+                       references: list[torch.Tensor] | None = None) -> Any:
+        """Privileged context: prompt + target image (images in [0, 1], shape (B, 3, H, W)), after the
+        student's references when there are any."""
 
     # --- the network ---
     def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor,
@@ -68,3 +73,10 @@ class Backend(Protocol):
                          state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write full transformer weights in the diffusers `save_pretrained` layout (safetensors); with
         `state_dict`, those tensors (consolidated from shards) instead of the module's own."""
+
+
+def refuse_references(backend: str, references: list[torch.Tensor] | None) -> None:
+    """For backends that condition on text only: editing data must fail loudly, not train as text-to-image."""
+    if references:
+        raise ValueError(f"model.backend {backend}: reference images (editing data) are not supported by this "
+                         f"backend; the editing task needs flux2_klein (or data without NAME.refN images)")

@@ -3,6 +3,12 @@ text encoder. The teacher context is klein's own reference-image editing path (t
 editing-branch context"): the target image's latents are appended to the noisy tokens as a reference image, and
 one instruction sentence is appended to the prompt.
 
+Two tasks (paper.md 2.3), told apart by the batch's `references`:
+- text-to-image: student = prompt; teacher = prompt + EDIT_INSTRUCTION, target as reference 0;
+- editing: student = reference images + instruction (exactly `pipeline(image=refs, prompt=instruction)`);
+  teacher = the same references + the target appended as the last one, instruction + EDIT_TASK_INSTRUCTION
+  (`pipeline(image=refs + [target], prompt=teacher_prompt(instruction, editing=True))`).
+
 Conventions follow `diffusers.Flux2KleinPipeline` (0.42):
 - prompt: Qwen chat template with `enable_thinking=False`, padded to `max_text_tokens` (the pipeline's
   `max_sequence_length`, 512), no attention mask into the DiT; features = hidden states of the layers
@@ -40,9 +46,12 @@ LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                 "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
 
-# Appended to the teacher's prompt (paper.md 2.3).
+# Appended to the teacher's prompt (paper.md 2.3): text-to-image, where the target is the only reference ...
 EDIT_INSTRUCTION = ("Make the main subject (facial/ip details), background, and overall composition consistent "
                     "with the reference image.")
+# ... and editing, where the target follows the sample's own references and must not be read as one more input.
+EDIT_TASK_INSTRUCTION = ("The last image is the expected output of this edit: make the result consistent with it "
+                         "in the main subject (facial/ip details), background, and overall composition.")
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)  # the pipeline's default `text_encoder_out_layers`
 REFERENCE_T_SCALE = 10  # reference image i gets T = 10 + 10 i, as in the pipeline's `_prepare_image_ids`
@@ -105,7 +114,8 @@ class KleinContext:
 
     `ref_tokens` holds the packed reference-image latents (model space) of every sample, appended after the
     noisy tokens in `velocity`; `ref_ids` their position ids (shared by the batch, like all ids in the DiT).
-    The student context has no references (text-to-image); the teacher's holds the target image.
+    The student context holds the sample's references (none for text-to-image); the teacher's holds them too,
+    then the target image.
     """
     prompt_embeds: torch.Tensor  # (B, L, n_layers * hidden)
     text_ids: torch.Tensor  # (L, 4)
@@ -135,7 +145,7 @@ class Flux2KleinBackend(DiffusersIO):
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device: torch.device,
                  max_text_tokens: int = 512, text_encoder_out_layers: tuple[int, ...] = DEFAULT_OUT_LAYERS,
-                 edit_instruction: str = EDIT_INSTRUCTION):
+                 edit_instruction: str = EDIT_INSTRUCTION, edit_task_instruction: str = EDIT_TASK_INSTRUCTION):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -145,6 +155,7 @@ class Flux2KleinBackend(DiffusersIO):
         self.max_text_tokens = max_text_tokens
         self.out_layers = tuple(text_encoder_out_layers)
         self.edit_instruction = edit_instruction
+        self.edit_task_instruction = edit_task_instruction
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._warned_truncation = False
         self._check_shapes()
@@ -225,6 +236,12 @@ class Flux2KleinBackend(DiffusersIO):
     def encode(self, prompts: list[str], references: list[torch.Tensor] | None = None) -> KleinContext:
         """Context for prompts plus optional reference images (each (B, 3, H_i, W_i) in [0, 1], one slot per
         list entry, in the order the pipeline would take them as `image=[...]`)."""
+        unit = self.vae_scale_factor * 2
+        for i, r in enumerate(references or []):
+            if r.dim() != 4 or r.shape[0] != len(prompts) or r.shape[1] != 3 or r.shape[-2] % unit \
+                    or r.shape[-1] % unit:
+                raise ValueError(f"reference {i}: expected a ({len(prompts)}, 3, H, W) batch with H and W multiples "
+                                 f"of {unit}, got {tuple(r.shape)}")
         embeds = self.encode_prompts(prompts)
         ctx = KleinContext(embeds, text_ids(embeds.shape[1], device=self.device))
         if references:
@@ -233,15 +250,18 @@ class Flux2KleinBackend(DiffusersIO):
             ctx.ref_ids = reference_ids([tuple(z.shape[-2:]) for z in latents], device=self.device)
         return ctx
 
-    def teacher_prompt(self, prompt: str) -> str:
-        return f"{prompt} {self.edit_instruction}"
+    def teacher_prompt(self, prompt: str, editing: bool = False) -> str:
+        return f"{prompt} {self.edit_task_instruction if editing else self.edit_instruction}"
 
-    def encode_student(self, prompts: list[str]) -> KleinContext:
-        return self.encode(prompts)
+    def encode_student(self, prompts: list[str], references: list[torch.Tensor] | None = None) -> KleinContext:
+        return self.encode(prompts, references=references)
 
-    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> KleinContext:
-        """Editing-branch context: target image as reference image 0 + the prompt with the instruction."""
-        return self.encode([self.teacher_prompt(p) for p in prompts], references=[images])
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor,
+                       references: list[torch.Tensor] | None = None) -> KleinContext:
+        """Editing-branch context: the sample's references, then the target image as the last reference, and the
+        prompt with the instruction sentence of the task."""
+        refs = list(references or [])
+        return self.encode([self.teacher_prompt(p, editing=bool(refs)) for p in prompts], references=refs + [images])
 
     # ------------------------------------------------------------------------------------------------
     # The network

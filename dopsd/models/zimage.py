@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .base import refuse_references
 from .diffusers_io import DTYPES, DiffusersIO, freeze, transformer_factory
 from ..schedule import few_step_sigmas
 
@@ -123,7 +124,8 @@ class ZImageBackend(DiffusersIO):
         return [h[m.bool()][:limit] for h, m in zip(hidden, mask)]
 
     @torch.no_grad()
-    def encode_student(self, prompts: list[str]) -> list[torch.Tensor]:
+    def encode_student(self, prompts: list[str], references: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        refuse_references(self.name, references)
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=True)
                  for p in prompts]
@@ -152,8 +154,10 @@ class ZImageBackend(DiffusersIO):
         return self._teacher
 
     @torch.no_grad()
-    def encode_teacher(self, prompts: list[str], images: torch.Tensor) -> list[torch.Tensor]:
+    def encode_teacher(self, prompts: list[str], images: torch.Tensor,
+                       references: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Qwen3-VL features of one user turn: the target image first, then the prompt; hidden_states[-2]."""
+        refuse_references(self.name, references)
         from ..sampling import to_pil
 
         vl, tokenizer, processor = self._load_teacher_encoder()
