@@ -120,3 +120,46 @@ def test_cli_make_shards(tmp_path, capsys):
     assert "2 shards, 4 samples" in out and "bad inputs skipped: none" in out
     assert main(["make-shards", str(src), str(tmp_path / "out2"), "--features", "all", "--no-progress"]) == 2
     assert "--features needs --config" in capsys.readouterr().err
+
+
+def test_editing_samples_carry_their_references(tmp_path):
+    from dopsd.data.synthetic import write_edit_folder
+
+    src = write_edit_folder(tmp_path / "in", count=3, size=64, references=2)
+    Image.new("RGB", (64, 64)).save(src / "bad.png")
+    (src / "bad.txt").write_text("edit\n")
+    (src / "bad.ref0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("RGB", (64, 64)).save(src / "tiny.png")
+    (src / "tiny.txt").write_text("edit\n")
+    Image.new("RGB", (32, 64)).save(src / "tiny.ref0.png")  # the pipeline refuses a 32 px side
+    summary = make_shards(str(src), str(tmp_path / "out"), samples_per_shard=2, progress=False)
+    assert summary["samples"] == 3 and summary["skipped"] == {"bad_reference": 2}
+    samples = _read(tmp_path / "out")
+    for s, name in zip(samples, ("000", "001", "002")):
+        assert s["ref0.png"] == (src / f"{name}.ref0.png").read_bytes()
+        assert s["ref1.png"] == (src / f"{name}.ref1.png").read_bytes()
+        assert s["png"] == (src / f"{name}.png").read_bytes()
+        assert json.loads(s["json"])["references"] == [{"width": 64, "height": 64}] * 2
+
+    # a manifest names references by path; shards in, shards out keeps them
+    lines = [json.dumps({"image": "in/000.png", "caption": "c0", "references": ["in/000.ref0.png"]}),
+             json.dumps({"image": "in/001.png", "caption": "c1", "references": ["in/nope.png"]})]
+    (tmp_path / "edit.jsonl").write_text("\n".join(lines) + "\n")
+    summary = make_shards(str(tmp_path / "edit.jsonl"), str(tmp_path / "m"), progress=False)
+    assert summary["samples"] == 1 and summary["skipped"] == {"bad_reference": 1}
+    (only,) = _read(tmp_path / "m")
+    assert only["ref0.png"] == (src / "000.ref0.png").read_bytes() and "ref1.png" not in only
+    summary = make_shards(str(tmp_path / "out"), str(tmp_path / "again"), progress=False)
+    assert summary["samples"] == 3
+    assert [s["ref1.png"] for s in _read(tmp_path / "again")] == [s["ref1.png"] for s in samples]
+    assert "references" not in json.loads(_read(tmp_path / "again")[0]["json"])["meta"]
+
+
+def test_cached_features_with_references_are_refused(tiny_model_dir, tmp_path):
+    from dopsd.config import from_dict
+    from dopsd.data.synthetic import write_edit_folder
+
+    src = write_edit_folder(tmp_path / "in", count=1, size=64)
+    cfg = from_dict({"model": {"path": str(tiny_model_dir)}, "data": {"path": "x", "resolution": [32, 32]}})
+    with pytest.raises(ValueError, match="cached features are for text-to-image data"):
+        make_shards(str(src), str(tmp_path / "out"), features="student", cfg=cfg, progress=False)

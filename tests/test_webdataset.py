@@ -4,6 +4,7 @@ the bad-fraction ceiling, and mid-epoch resume through the Trainer."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -329,3 +330,47 @@ def test_source_resumes_exactly_from_any_step(tmp_path, sampling):
         for batch, position in straight[cut:]:
             again, again_position = next(resumed)
             assert again["key"] == batch["key"] and again_position == position
+
+
+# ---------------------------------------------------------------------------------------------------
+# Editing data: reference members
+
+def test_reference_members_round_trip_bucket_and_bad_ones_are_counted(tmp_path):
+    """Folder -> make-shards -> reader: the same reference tensors as the folder dataset, batches bucketed by
+    reference size, a corrupt or missing reference member skipped and counted; plain tar reads too."""
+    from dopsd.config import from_dict
+    from dopsd.data.folder import FolderDataset
+    from dopsd.data.synthetic import write_edit_folder
+
+    src = write_edit_folder(tmp_path / "in", count=8, size=64, seed=4)
+    for i in range(4, 8):  # half the samples get a wider reference: a second reference-size bucket
+        Image.open(src / f"{i:03d}.ref0.png").resize((96, 64)).save(src / f"{i:03d}.ref0.png")
+    make_shards(str(src), str(tmp_path / "shards"), samples_per_shard=4, progress=False)
+    good = list(wds.WebDataset(str(tmp_path / "shards/shard-000000.tar"), shardshuffle=False))
+    with wds.TarWriter(str(tmp_path / "shards/shard-000002.tar")) as w:
+        base = {k: v for k, v in good[0].items() if not k.startswith("__")}
+        w.write(base | {"__key__": "corrupt", "ref0.png": b"\x89PNG\r\n\x1a\n broken"})
+        w.write({k: v for k, v in base.items() if k != "ref0.png"} | {"__key__": "gap", "ref1.png": base["ref0.png"]})
+    cfg = from_dict({"model": {"path": str(tmp_path / "no-model")}, "train": {"batch_size": 2},
+                     "data": {"type": "webdataset", "path": str(tmp_path / "shards"), "resolution": [32, 32],
+                              "steps_per_epoch": 4, "shuffle_buffer": 1, "max_bad_fraction": 0.5}})
+    source = WebDatasetSource(cfg)
+    folder = FolderDataset(src, 32, 32)
+    by_name = {it.image.stem: i for i, it in enumerate(folder.items)}
+    seen = []
+    for batch, _ in itertools.islice(source.batches({}), 4):
+        (refs,) = batch["references"]
+        assert refs.shape[1:] in ((3, 64, 64), (3, 64, 96)) and refs.shape[0] == 2
+        for key, ref, image in zip(batch["key"], refs, batch["image"]):
+            expected = folder[by_name[key.split("_", 1)[1]]]
+            assert torch.equal(ref, expected["references"][0]) and torch.equal(image, expected["image"])
+            seen.append(key)
+    assert len(set(seen)) == 8
+    assert source.skipped == {"bad_reference": 2}
+
+    plain = tmp_path / "plain.tar"  # KEY.png + KEY.txt + KEY.ref0.png, as `tar` lays them out
+    subprocess.run(["tar", "cf", str(plain), "-C", str(src), "."], check=True)
+    cfg = from_dict({"model": {"path": "m"}, "train": {"batch_size": 1},
+                     "data": {"type": "webdataset", "path": str(plain), "resolution": [32, 32], "shuffle": False}})
+    batch, _ = next(WebDatasetSource(cfg).batches({}))
+    assert batch["references"][0].shape[0] == 1 and not WebDatasetSource(cfg).skipped

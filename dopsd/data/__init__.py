@@ -7,7 +7,8 @@ The trainer sees a data source through this small surface only:
   batches(position) iterator of (batch, position after it) from a position ({} = the start); a
                     position is a JSON-able dict stored in checkpoints, so a resume continues exactly there
 A batch is a dict with "image" (B, 3, H, W) in [0, 1], "prompt" (list of B str) and "key"; optionally
-"student_context" / "teacher_context" (lists of B cached feature tensors, used instead of the encoders).
+"student_context" / "teacher_context" (lists of B cached feature tensors, used instead of the encoders), and
+"references" (editing data: one (B, 3, H_i, W_i) tensor in [0, 1] per reference slot; see references.py).
 """
 from __future__ import annotations
 

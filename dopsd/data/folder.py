@@ -1,8 +1,15 @@
 """Image-folder dataset: `name.png|jpg|jpeg|webp` beside `name.txt` (one prompt variant per line) or
 `name.json` (a list of variants, or a mapping such as {"short": ..., "detailed": ...}).
 
+Editing data (FLUX.2-klein): `name.ref0.png`, `name.ref1.png`, ... beside the sample are its reference images
+(the inputs the caption, an edit instruction, applies to; the sample's image is the expected result). A file
+`X.refN.<ext>` is a reference whenever an image `X.<ext>` exists; see references.py for the preprocessing.
+Targets are resized to `data.resolution`; references keep their (preprocessed) sizes, and the sampler draws
+every global batch from samples whose references have the same sizes, so that batches stack on every rank.
+
 One variant is drawn per sample per step, as the recipe does with its prompt fields. Bad samples (no
-caption, unreadable or corrupt image) are skipped with a warning and counted; they never stop a run.
+caption, unreadable or corrupt image or reference) are skipped with a warning and counted; they never stop a
+run.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .references import folder_layout, load_reference, reference_files, reference_sizes, stack_slots
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,8 @@ def read_captions(path: Path) -> list[str]:
 class Item:
     image: Path
     captions: list[str]
+    references: tuple[Path, ...] = ()
+    ref_sizes: tuple[tuple[int, int], ...] = ()  # (h, w) of each prepared reference: the sample's bucket
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -69,16 +80,23 @@ class FolderDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.skipped: Counter[str] = Counter()
         self.items: list[Item] = []
-        for path in sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTS):
-            self._scan(path)
+        samples, refs = folder_layout(sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTS))
+        for path in samples:
+            self._scan(path, refs.get(path.stem, {}))
         if not self.items:
             raise ValueError(f"data.path: no usable image+caption pairs in {self.root} (skipped: {dict(self.skipped)})")
+        self.buckets: dict[tuple, list[int]] = {}  # item indices by reference sizes
+        self._place: list[int] = []  # each item's place in its bucket
+        for i, item in enumerate(self.items):
+            members = self.buckets.setdefault(item.ref_sizes, [])
+            self._place.append(len(members))
+            members.append(i)
 
     def _skip(self, kind: str, path: Path, why: str) -> None:
         self.skipped[kind] += 1
         log.warning("skipping %s (%s): %s", path, kind, why)
 
-    def _scan(self, path: Path) -> None:
+    def _scan(self, path: Path, ref_files: dict[int, list[Path]]) -> None:
         caption = next((c for c in (path.with_suffix(".txt"), path.with_suffix(".json")) if c.exists()), None)
         if caption is None:
             self._skip("missing_caption", path, "no .txt or .json caption beside it")
@@ -94,7 +112,13 @@ class FolderDataset(torch.utils.data.Dataset):
         except Exception as e:  # PIL raises many types for bad bytes
             self._skip("bad_image", path, f"{type(e).__name__}: {e}")
             return
-        self.items.append(Item(path, captions))
+        try:
+            references = tuple(reference_files(ref_files))
+            sizes = reference_sizes([load_reference(r) for r in references])
+        except Exception as e:  # PIL raises many types for bad bytes; the pipeline's checks raise ValueError
+            self._skip("bad_reference", path, f"{type(e).__name__}: {e}")
+            return
+        self.items.append(Item(path, captions, references, sizes))
 
     @property
     def num_skipped(self) -> int:
@@ -114,26 +138,41 @@ class FolderDataset(torch.utils.data.Dataset):
         """`key` is an index or (epoch, index): the epoch picks the prompt variant, so the choice is the same
         in any worker process and after a resume."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        # A file that went bad after the scan is counted and replaced by the next item, so that batches keep
-        # their size and every rank keeps issuing the same model calls.
-        for offset in range(len(self.items)):
-            item = self.items[(index + offset) % len(self.items)]
+        # A file that went bad after the scan is counted and replaced by the next item of the same bucket, so
+        # that batches keep their size and shapes and every rank keeps issuing the same model calls.
+        bucket = self.buckets[self.items[index].ref_sizes]
+        start = self._place[index]
+        for offset in range(len(bucket)):
+            item = self.items[bucket[(start + offset) % len(bucket)]]
             try:
                 with Image.open(item.image) as img:
                     pixels = to_tensor(resize_center_crop(img, self.height, self.width))
             except Exception as e:  # PIL raises many types for bad bytes
                 self._skip("bad_image", item.image, f"{type(e).__name__}: {e}")
                 continue
-            return {"image": pixels, "prompt": self._prompt(item, epoch, index), "key": item.image.stem}
-        raise RuntimeError(f"data.path: every image in {self.root} is unreadable")
+            try:
+                refs = [load_reference(r) for r in item.references]
+                if reference_sizes(refs) != item.ref_sizes:
+                    raise ValueError(f"reference sizes changed since the scan: {reference_sizes(refs)}")
+            except Exception as e:  # PIL raises many types for bad bytes; the pipeline's checks raise ValueError
+                self._skip("bad_reference", item.image, f"{type(e).__name__}: {e}")
+                continue
+            sample = {"image": pixels, "prompt": self._prompt(item, epoch, index), "key": item.image.stem}
+            if refs:
+                sample["references"] = [to_tensor(r) for r in refs]
+            return sample
+        raise RuntimeError(f"data.path: every sample of a reference-size bucket in {self.root} is unreadable")
 
 
 def collate(samples: list[dict]) -> dict:
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "prompt": [s["prompt"] for s in samples],
         "key": [s["key"] for s in samples],
     }
+    if any(s.get("references") for s in samples):  # one (B, 3, H_i, W_i) tensor per reference slot
+        batch["references"] = stack_slots([s.get("references", []) for s in samples])
+    return batch
 
 
 class FolderSource:
@@ -146,8 +185,10 @@ class FolderSource:
         height, width = cfg.data.resolution
         self.dataset = FolderDataset(cfg.data.path, height, width, cfg.data.placeholder,
                                      cfg.data.placeholder_replacement, seed=cfg.train.seed)
+        bucket_ids = {sizes: i for i, sizes in enumerate(self.dataset.buckets)}
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.batch_size, rank, world_size,
-                                          seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+                                          seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                                          groups=[bucket_ids[it.ref_sizes] for it in self.dataset.items])
         self.num_workers = cfg.data.num_workers
         self.num_samples = len(self.dataset)
         self.global_offsets = self.sampler.global_offsets()

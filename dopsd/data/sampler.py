@@ -7,6 +7,11 @@ takes the r-th slice. Consequences that training relies on:
 - a global batch holds the same samples whatever the world size, so 2 ranks x batch 1 sees what
   1 rank x batch 2 sees;
 - resuming at (epoch, step) needs no replay: the position is the state.
+
+With `groups` (a bucket id per sample, e.g. the reference-image sizes of editing data), every global batch is
+drawn from one group: each group's seeded permutation is padded by cycling to whole global batches, and the
+order of all those global batches is shuffled. Every rank then holds samples of the same shapes at every step.
+A single group (text-to-image data) takes the plain path above, unchanged.
 """
 from __future__ import annotations
 
@@ -30,18 +35,48 @@ class Position:
 
 class GlobalBatchSampler:
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, groups: list[int] | None = None):
         if num_samples <= 0:
             raise ValueError("no samples")
         self.n, self.batch_size, self.rank, self.world = num_samples, batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = batch_size * world_size
+        self.groups: list[list[int]] | None = None
+        if groups is not None:
+            if len(groups) != num_samples:
+                raise ValueError(f"{len(groups)} group ids for {num_samples} samples")
+            members: dict[int, list[int]] = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            if len(members) > 1:
+                self.groups = [members[g] for g in sorted(members)]
+
+    def _steps(self, n: int) -> int:
+        return -(-n // self.global_batch)  # ceil: the last global batch is completed by cycling
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-self.n // self.global_batch)  # ceil: the last global batch is completed by cycling
+        if self.groups is None:
+            return self._steps(self.n)
+        return sum(self._steps(len(m)) for m in self.groups)
+
+    def _permuted(self, members: list[int], *salt: int) -> list[int]:
+        if not self.shuffle:
+            return list(members)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, *salt))
+        return [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+
+    def _grouped_order(self, epoch: int) -> list[int]:
+        batches = []
+        for k, members in enumerate(self.groups):
+            order = self._permuted(members, epoch, 0x5A, k)
+            padded = [order[i % len(order)] for i in range(self._steps(len(order)) * self.global_batch)]
+            batches += [padded[i:i + self.global_batch] for i in range(0, len(padded), self.global_batch)]
+        return [i for b in self._permuted(batches, epoch, 0xB5) for i in b]
 
     def _order(self, epoch: int) -> list[int]:
+        if self.groups is not None:
+            return self._grouped_order(epoch)
         if self.shuffle:
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0x5A))
             order = torch.randperm(self.n, generator=g).tolist()

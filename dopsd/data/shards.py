@@ -4,6 +4,11 @@
     relative to the manifest), or
   - existing WebDataset / img2dataset shards (jpg|png|webp + txt + json per key).
 
+Editing data: reference images (folder `NAME.refN.png`, manifest "references": [paths], shard members
+`KEY.refN.png`; see references.py) are checked like the pipeline checks them and stored as members
+`KEY.ref0.png`, `KEY.ref1.png`, ...; a sample with a bad reference is skipped ("bad_reference"). Cached features
+are text-to-image only (Z-Image): --features with editing data is an error.
+
 Output: OUT/shard-000000.tar, ... written by `webdataset.ShardWriter` (a shard closes at --samples-per-shard
 samples or --shard-size-mb), each beside an index OUT/shard-000000.tar.json ({"samples", input range, skipped
 inputs, backend, fingerprint, "complete": true}) that the reader uses to size epochs; OUT/dataset.json holds the
@@ -35,6 +40,7 @@ from PIL import Image
 
 from .folder import IMAGE_EXTS as FOLDER_IMAGE_EXTS
 from .folder import read_captions, resize_center_crop, to_tensor
+from .references import folder_layout, load_reference, member_name, member_slot, ordered, reference_files
 from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, IMAGE_EXTS, apply_placeholder, assign_bucket,
                            caption_variants, encoder_fingerprint, pack_features, resolve_buckets, sample_captions)
 
@@ -52,18 +58,26 @@ class BadInput(Exception):
 
 @dataclass
 class Record:
-    """One input sample; `load()` returns (image bytes, extension, caption variants) or raises BadInput."""
+    """One input sample; `load()` returns (image bytes, extension, caption variants, extra json fields,
+    references as [(bytes, extension), ...] in index order) or raises BadInput."""
     index: int
     name: str
     source: str
-    load: Callable[[], tuple[bytes, str, list[str], dict]]
+    load: Callable[[], tuple[bytes, str, list[str], dict, list[tuple[bytes, str]]]]
+
+
+def _reference_bytes(paths: list[Path]) -> list[tuple[bytes, str]]:
+    try:
+        return [(p.read_bytes(), p.suffix[1:].lower()) for p in paths]
+    except OSError as e:
+        raise BadInput("bad_reference", str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------
 # Inputs
 
 def folder_records(root: Path) -> tuple[int, Iterator[Record]]:
-    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in FOLDER_IMAGE_EXTS)
+    paths, refs = folder_layout(sorted(p for p in root.iterdir() if p.suffix.lower() in FOLDER_IMAGE_EXTS))
 
     def record(i: int, path: Path) -> Record:
         def load():
@@ -74,7 +88,11 @@ def folder_records(root: Path) -> tuple[int, Iterator[Record]]:
                 captions = read_captions(caption)
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadInput("bad_caption", f"{caption.name}: {e}") from None
-            return path.read_bytes(), path.suffix[1:].lower(), captions, {}
+            try:
+                ref_paths = reference_files(refs.get(path.stem, {}))
+            except ValueError as e:
+                raise BadInput("bad_reference", str(e)) from None
+            return path.read_bytes(), path.suffix[1:].lower(), captions, {}, _reference_bytes(ref_paths)
         return Record(i, path.stem, str(path), load)
 
     return len(paths), (record(i, p) for i, p in enumerate(paths))
@@ -110,9 +128,13 @@ def manifest_records(path: Path) -> tuple[int, Iterator[Record]]:
                 data = image_path.read_bytes()
             except OSError as e:
                 raise BadInput("bad_image", f"{image_path}: {e}") from None
+            refs = obj.get("references") or []
+            if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+                raise BadInput("bad_reference", f"line {i + 1}: references must be a list of paths")
+            references = _reference_bytes([path.parent / r if not Path(r).is_absolute() else Path(r) for r in refs])
             extra = {k: v for k, v in obj.items() if k not in ("image", "path", "file_name", "file", "captions",
-                                                                  "caption", "text", "prompt")}
-            return data, image_path.suffix[1:].lower(), captions, extra
+                                                                  "caption", "text", "prompt", "references")}
+            return data, image_path.suffix[1:].lower(), captions, extra, references
 
         try:
             obj = json.loads(line)
@@ -156,8 +178,13 @@ def shard_records(urls: list[str], on_error: Callable[[str, str, str], None]) ->
             if sample.get("json") is not None:
                 meta = json.loads(sample["json"].decode("utf-8"))
                 if isinstance(meta, dict):  # img2dataset metadata (url, status, original size, ...)
-                    extra = {"meta": {k: v for k, v in meta.items() if k != "captions"}}
-            return sample[ext], ext, captions, extra
+                    extra = {"meta": {k: v for k, v in meta.items() if k not in ("captions", "references")}}
+            slots = {member_slot(k): (v, k.split(".", 1)[1]) for k, v in sample.items() if member_slot(k) is not None}
+            try:
+                references = ordered(slots)
+            except ValueError as e:
+                raise BadInput("bad_reference", str(e)) from None
+            return sample[ext], ext, captions, extra, references
         key = str(sample["__key__"])
         yield Record(i, key.rsplit("/", 1)[-1], f"{sample['__url__']} key {key}", load)
 
@@ -205,6 +232,17 @@ class FeatureEncoder:
 
 # ---------------------------------------------------------------------------------------------------
 # Writing
+
+def _stored(data: bytes, ext: str) -> tuple[bytes, str]:
+    """Image bytes as given when the reader takes the format, else re-encoded as PNG."""
+    ext = "jpg" if ext == "jpeg" else ext
+    if ext in IMAGE_EXTS:
+        return data, ext
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as image:
+        image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
 
 def _key(index: int, name: str) -> str:
     # WebDataset splits KEY.ext at the first dot of the file name: keys carry no dots
@@ -319,26 +357,36 @@ def make_shards(input: str, output: str, *, samples_per_shard: int = 1000, shard
             last = record.index
             bar.update(1)
             try:
-                data, ext, captions, extra = record.load()
+                data, ext, captions, extra, references = record.load()
                 try:
                     with Image.open(io.BytesIO(data)) as img:
                         img.load()
                         image = img.copy()
                 except Exception as e:  # PIL raises many types for bad bytes
                     raise BadInput("bad_image", f"{type(e).__name__}: {e}") from None
+                ref_sizes = []
+                for slot, (ref_data, _) in enumerate(references):
+                    try:  # the reader's checks, made here so that shards hold no sample it would refuse
+                        ref_sizes.append(load_reference(ref_data).size)
+                    except Exception as e:  # PIL raises many types; the pipeline's checks raise ValueError
+                        raise BadInput("bad_reference", f"reference {slot}: {type(e).__name__}: {e}") from None
             except BadInput as e:
                 on_error(e.kind, record.source, str(e))
                 continue
-            if ext == "jpeg":
-                ext = "jpg"
-            if ext not in IMAGE_EXTS:  # other formats are stored as PNG
-                buf = io.BytesIO()
-                image.convert("RGB").save(buf, format="PNG")
-                data, ext = buf.getvalue(), "png"
+            if references and encoder is not None:
+                raise ValueError(f"make-shards --features: cached features are for text-to-image data (Z-Image); "
+                                 f"{record.source} has reference images (editing data, which FLUX.2-klein encodes "
+                                 f"live). Write these shards without --features")
+            data, ext = _stored(data, ext)
             info = {"captions": captions, "width": image.width, "height": image.height, "source": record.source,
                     **extra}
             sample = {"__key__": _key(record.index, record.name), ext: data,
                       "txt": "\n".join(c.replace("\n", " ") for c in captions).encode("utf-8")}
+            for slot, (ref_data, ref_ext) in enumerate(references):
+                ref_data, ref_ext = _stored(ref_data, ref_ext)
+                sample[member_name(slot, ref_ext)] = ref_data
+            if references:
+                info["references"] = [{"width": w, "height": h} for w, h in ref_sizes]  # as prepared
             if encoder is not None:
                 payload, bucket = encoder(image, captions)
                 sample[FEATURES_EXT] = payload

@@ -10,6 +10,9 @@ Order. Every epoch the shard list is shuffled with (train.seed, epoch), the same
 gives rank r every world_size-th shard and `split_by_worker` deals those to the rank's reader workers. Each
 worker streams its shards through a seeded shuffle buffer (`data.shuffle_buffer`) into aspect-ratio buckets
 (`data.buckets`); a batch is emitted when a bucket holds `train.batch_size` samples, so a batch never mixes sizes.
+Editing samples (members `KEY.ref0.png`, `KEY.ref1.png`, ...; see references.py) are bucketed by their target's
+bucket and their references' preprocessed sizes together, and batches carry "references" (one (B, 3, H_i, W_i)
+tensor per slot). Ranks may hold different buckets at one step; the model calls per step do not depend on sizes.
 
 Fixed steps per epoch. Every rank runs `steps_per_epoch` steps per epoch (`data.steps_per_epoch`, default
 ceil(samples / (ranks x batch)) from the shard indexes make-shards writes; plain shards are counted once on
@@ -26,7 +29,8 @@ had delivered (images are decoded to make the same decisions, but not resized, f
 run continues with exactly the batches the uninterrupted run would have had: nothing repeated, nothing skipped.
 
 Bad input never stops a run: an unreadable or missing shard, a truncated tar, an undecodable image, a sample
-without caption, features of the wrong shape or fingerprint are skipped with a warning naming shard and key,
+without caption, a missing, undecodable or refused reference image, features of the wrong shape or fingerprint
+are skipped with a warning naming shard and key,
 counted by kind in `skipped`. When more than `data.max_bad_fraction` of what a rank read was bad (checked once
 it has read 1 / max_bad_fraction samples, and at every epoch end), the run stops with a message saying why.
 """
@@ -50,6 +54,7 @@ from PIL import Image
 
 from ..dist import broadcast_object
 from .folder import collate, resize_center_crop, to_tensor
+from .references import load_reference, member_slot, ordered, reference_sizes
 from .sampler import sample_seed
 from .shard_io import count_samples, expand_shard_urls, first_line, read_index, split_shards, tar_samples
 from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, IMAGE_EXTS, apply_placeholder, assign_bucket,
@@ -106,6 +111,12 @@ class _Item:
     variant: int
     features: bytes | None = None
     roles: tuple[str, ...] = ()
+    references: tuple[Image.Image, ...] = ()  # prepared as the pipeline does
+
+    @property
+    def batch_key(self) -> tuple:
+        """Samples that may share a batch: same target bucket, same reference sizes."""
+        return self.bucket, reference_sizes(list(self.references))
 
 
 @dataclass
@@ -212,11 +223,16 @@ class Reader:
             image.load()
         except Exception as e:  # PIL raises many types for bad bytes
             return skip("bad_image", f"{type(e).__name__}: {e}")
+        try:
+            slots = {member_slot(k): v for k, v in raw.items() if isinstance(k, str) and member_slot(k) is not None}
+            references = tuple(load_reference(data) for data in ordered(slots))
+        except Exception as e:  # PIL raises many types for bad bytes; the pipeline's checks raise ValueError
+            return skip("bad_reference", f"{type(e).__name__}: {e}")
         bucket = assign_bucket(image.width, image.height, self.buckets)
         rng = random.Random(sample_seed(self.seed, epoch, zlib.crc32(f"{Path(url).name}/{key}".encode())))
         variant = rng.randrange(len(captions))
         item = _Item(key, url, image, bucket, apply_placeholder(captions[variant], self.placeholder,
-                                                                self.replacement), variant)
+                                                                self.replacement), variant, references=references)
         payload = raw.get(FEATURES_EXT)
         if self.use_features and payload is not None:
             try:
@@ -235,7 +251,7 @@ class Reader:
     def _finish(self, items: list[_Item]) -> dict:
         height, width = items[0].bucket
         batch = collate([{"image": to_tensor(resize_center_crop(it.image, height, width)), "prompt": it.prompt,
-                          "key": it.key} for it in items])
+                          "key": it.key, "references": [to_tensor(r) for r in it.references]} for it in items])
         batch["shard"] = [it.shard for it in items]
         roles = [r for r in ("student", "teacher") if all(r in it.roles for it in items)]
         if roles:
@@ -258,7 +274,7 @@ class Reader:
         emitted = 0
         bad_run = 0
         bad_limit = 2 * (self.expected_samples or 10_000) + self.shuffle_buffer + 100
-        pending: dict[tuple[int, int], list[_Item]] = {}
+        pending: dict[tuple, list[_Item]] = {}
         shards = plan.shards[worker] if plan.shards else []
 
         def meta() -> dict:
@@ -280,11 +296,11 @@ class Reader:
                     yield {"_meta": meta()}
                 continue
             bad_run = 0
-            members = pending.setdefault(item.bucket, [])
+            members = pending.setdefault(item.batch_key, [])
             members.append(item)
             if len(members) < self.batch_size:
                 continue
-            del pending[item.bucket]
+            del pending[item.batch_key]
             if emitted < skip:  # replay: delivered before the checkpoint
                 emitted += 1
                 meta()
