@@ -51,7 +51,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.lora:
         backend.load_lora(transformer, args.lora)
     height, width = args.resolution
-    images = generate(backend, transformer.eval(), args.prompt, args.seed, height, width, args.steps)
+    references = None
+    if args.reference:
+        from .data.references import reference_tensors
+
+        try:
+            references = reference_tensors(args.reference)
+        except (OSError, ValueError) as e:  # unreadable, or refused as the pipeline refuses it
+            print(f"dopsd: error: --reference: {e}", file=sys.stderr)
+            return 2
+    images = generate(backend, transformer.eval(), args.prompt, args.seed, height, width, args.steps,
+                      references=references)
     out = save_grid([images], rows=len(args.prompt), path=Path(args.out))
     print(f"wrote {out} ({len(args.prompt)} prompts x {len(args.seed)} seeds, {args.steps} steps)")
     return 0
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="zimage")
     p.add_argument("--lora", help="diffusers-format LoRA (.safetensors or its folder)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--reference", action="append", metavar="IMAGE",
+                   help="editing (flux2_klein): an input image given with every prompt; repeat for several, in "
+                        "order (the pipeline's image=[...])")
     p.add_argument("--seed", type=int, action="append", help="repeat for several seeds (default 0)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps (NFE)")
     p.add_argument("--resolution", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"))

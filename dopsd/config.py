@@ -102,6 +102,9 @@ class ValidationConfig:
     every: int = 0  # 0: only before and after training
     steps: int = 0  # sampling NFE; 0: train.rollout_steps
     resolution: list[int] = field(default_factory=list)  # empty: data.resolution
+    # Editing (flux2_klein): reference image files given with every validation prompt (then an instruction),
+    # preprocessed as the pipeline does; empty: text-to-image samples.
+    references: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -292,6 +295,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.dtype: full fine-tuning keeps float32 master weights; use train.mixed_precision=bf16")
     if cfg.validation.every and not cfg.validation.prompts:
         raise ConfigError("validation.every: set validation.prompts too")
+    if cfg.validation.references:
+        if not cfg.validation.prompts:
+            raise ConfigError("validation.references: set validation.prompts too (the edit instructions)")
+        if cfg.model.backend != "flux2_klein":
+            raise ConfigError(f"validation.references: reference images need model.backend flux2_klein, "
+                              f"not {cfg.model.backend}")
     return cfg
 
 

@@ -18,6 +18,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .data import build_data
+from .data.references import reference_tensors
 from .data.sampler import sample_seed
 from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, broadcast_object, device_for,
                    init_distributed)
@@ -181,6 +182,8 @@ class Trainer:
         # cached encoder features from the data (lists of per-sample tensors), when every sample has them
         cached = {k: [c.to(self.device) for c in batch[k]] for k in ("student_context", "teacher_context")
                   if batch.get(k) is not None}
+        # editing data: one (B, 3, H_i, W_i) batch per reference slot, for both encoders
+        references = [r.to(self.device) for r in batch.get("references") or []] or None
         sigmas = self._batch_sigmas(images)
         self.engine.zero_grad()
         with self.timer("objective"):
@@ -189,12 +192,12 @@ class Trainer:
                                          self.engine.backward, self._generators(), loss_space=t.loss_space,
                                          per_step_backward=t.backward == "per_step", timer=self.timer,
                                          autocast=self.autocast, finite=self._finite, loss_fn=self.loss_fn,
-                                         **cached)
+                                         references=references, **cached)
             else:
                 result = sft_objective(self.backend, self.model, prompts, images, self.engine.backward,
                                        self._generators(), sigma_sampling=t.sft_sigma_sampling, timer=self.timer,
                                        autocast=self.autocast, finite=self._finite,
-                                       student_context=cached.get("student_context"))
+                                       student_context=cached.get("student_context"), references=references)
         with self.timer("optimizer"):
             applied = False
             grad_norm = float("nan")
@@ -229,11 +232,12 @@ class Trainer:
         if not v.prompts:
             return None
         height, width = v.resolution or self.cfg.data.resolution
+        references = reference_tensors(v.references) if v.references else None
         was_training = self.module.training
         self.module.eval()
         with self.autocast():  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
             images = generate(self.backend, self.model, v.prompts, v.seeds, height, width,
-                              v.steps or self.cfg.train.rollout_steps)
+                              v.steps or self.cfg.train.rollout_steps, references=references)
         self.module.train(was_training)
         return images
 
