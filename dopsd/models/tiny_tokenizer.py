@@ -48,8 +48,9 @@ def _corpus() -> list[str]:
     return lines
 
 
-def train_tiny_tokenizer(vocab_size: int = 768):
-    """A `Qwen2TokenizerFast` with the chat template; identical bytes on every run."""
+def train_tiny_tokenizer(vocab_size: int = 768, extra_corpus: tuple[str, ...] = ()):
+    """A `Qwen2TokenizerFast` with the chat template; identical bytes on every run. `extra_corpus` adds
+    lines (e.g. a toy world's captions, so its words become single tokens)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -62,7 +63,7 @@ def train_tiny_tokenizer(vocab_size: int = 768):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # every byte: no OOV
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() + list(extra_corpus), trainer)
     bpe = json.loads(tok.to_str())["model"]
     hf = Qwen2TokenizerFast(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]],
                             extra_special_tokens=SPECIAL_TOKENS[1:], model_max_length=1024)

@@ -126,6 +126,10 @@ class ZImageBackend(DiffusersIO):
     @torch.no_grad()
     def encode_student(self, prompts: list[str], references: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         refuse_references(self.name, references)
+        return self.student_features(prompts)
+
+    def student_features(self, prompts: list[str]) -> list[torch.Tensor]:
+        """`encode_student` without no_grad: the toy world's base model trains its encoders through it."""
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=True)
                  for p in prompts]
@@ -156,8 +160,12 @@ class ZImageBackend(DiffusersIO):
     @torch.no_grad()
     def encode_teacher(self, prompts: list[str], images: torch.Tensor,
                        references: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Qwen3-VL features of one user turn: the target image first, then the prompt; hidden_states[-2]."""
         refuse_references(self.name, references)
+        return self.teacher_features(prompts, images)
+
+    def teacher_features(self, prompts: list[str], images: torch.Tensor) -> list[torch.Tensor]:
+        """Qwen3-VL features of one user turn: the target image first, then the prompt; hidden_states[-2].
+        (`encode_teacher` without no_grad.)"""
         from ..sampling import to_pil
 
         vl, tokenizer, processor = self._load_teacher_encoder()

@@ -1,0 +1,460 @@
+"""The miniature world's toy step-distilled base model ("toy turbo"), made by one reproducible script.
+
+    python -m dopsd.world.toybase --out runs/toy-turbo        (or: dopsd make-toy-base --out ...)
+
+It is a Z-Image-class checkpoint (the same diffusers/transformers classes, directory layout and backend code
+path as the real model, only small) trained in three stages, all on base-world images (the held-out
+`checkered` texture is never shown):
+
+1. **VAE**: a small `AutoencoderKL` (32x32 RGB -> 16x16x8) trained for reconstruction; its latents are then
+   standardised (`shift_factor`, `scaling_factor`) as in Z-Image's VAE config.
+2. **Pretraining**: rectified flow matching of the DiT *and* its conditioning encoders (the Qwen3 text
+   encoder and the grafted Qwen3-VL vision front-end, which share the language weights as in the real
+   teacher). Half the samples are conditioned on text alone; the other half on the image itself plus the
+   full caption, the caption without its texture words, or no text at all. That is the in-context ability
+   D-OPSD's teacher needs: prompt + target image -> the target's look, including what the text cannot say.
+3. **Step distillation** to K = 4 Euler steps by trajectory regression: the pretrained model integrates its
+   ODE with many Euler steps from fixed noise; the student (initialised from it) learns, at each of the
+   4-step schedule's states on that trajectory, the velocity whose Euler step lands on the next state.
+   Both conditioning kinds are distilled, so the turbo model's teacher mode also works at 4 steps.
+
+Everything is a function of `ToyBaseSettings` (seeded generators, a fixed thread count); rerunning with the
+same settings, torch build and thread count reproduces the weights. `report.json` in the output records the
+settings, the time of each stage and the evaluator's scores of the base (many steps) and turbo (4 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .generator import TEXTURES, VOCAB, captions, sample_world
+
+log = logging.getLogger(__name__)
+
+# Words and phrases that name a texture in `captions` (stripped for the "image tells the texture" variant).
+_TEXTURE_PHRASES = re.compile(r"\s*\bwith (?:stripes|dots|a solid fill|a checker pattern)\b|\s*\b(?:"
+                              + "|".join(TEXTURES) + r")\b")
+
+
+def strip_texture(caption: str) -> str:
+    return re.sub(r"\s+,", ",", _TEXTURE_PHRASES.sub("", caption)).strip()
+
+
+def world_corpus() -> tuple[str, ...]:
+    """Caption lines covering every attribute word, so the toy tokenizer learns them as whole tokens."""
+    _, attrs = sample_world(64, seed=999)
+    return tuple(c for a in attrs for c in captions(a)) + tuple(" ".join(v) for v in VOCAB.values())
+
+
+@dataclass(frozen=True)
+class ToyBaseSettings:
+    seed: int = 0
+    threads: int = 2
+    size: int = 32
+    # network sizes (see zimage_tiny.build_tiny_components)
+    dit_dim: int = 96
+    dit_layers: int = 4
+    text_hidden: int = 64
+    vision_hidden: int = 64
+    teacher_patch: int = 8            # 32x32 images are resized to 64x64: 8x8 patches -> 16 merged tokens
+    vae_channels: tuple[int, ...] = (16, 32)
+    vae_groups: int = 8
+    latent_channels: int = 8
+    shift: float = 3.0                # Z-Image-Turbo's schedule: 4 steps = 1, .9, .75, .5 -> 0
+    num_images: int = 8192
+    # stage 1
+    vae_steps: int = 1500
+    vae_lr: float = 2e-3
+    vae_batch: int = 32
+    vae_kl: float = 1e-6
+    # stage 2
+    pretrain_steps: int = 4000
+    pretrain_lr: float = 1e-3
+    batch: int = 32
+    p_image: float = 0.5              # share of samples conditioned on image (+ text variant)
+    # stage 3
+    trajectories: int = 2048
+    teacher_steps: int = 32           # a multiple of turbo_steps, so the two grids share points
+    turbo_steps: int = 4
+    distill_steps: int = 1500
+    distill_lr: float = 3e-4
+    # evaluation in report.json
+    eval_count: int = 256
+
+    @property
+    def teacher_pixels(self) -> int:
+        return (2 * self.size) ** 2
+
+
+@dataclass
+class Stage:
+    seconds: float = 0.0
+    final_loss: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, steps: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    def f(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def build_backend(components: dict, settings: ToyBaseSettings, trainable: bool):
+    """A `ZImageBackend` over live components (no directory); the Qwen3-VL front-end is grafted onto the
+    text encoder here exactly as the backend does when it loads one from disk."""
+    from ..models.zimage import ZImageBackend, graft_language_model
+
+    c = components
+    backend = ZImageBackend(c["transformer"], c["vae"], c["text_encoder"], c["tokenizer"],
+                            dict(c["scheduler"].config), Path("."), torch.device("cpu"),
+                            teacher_min_pixels=settings.teacher_pixels, teacher_max_pixels=settings.teacher_pixels)
+    vl = c["teacher_encoder"]
+    if not getattr(vl, "_dopsd_grafted", False):
+        c["lm_head"] = vl.lm_head  # kept for saving; the backend replaces it (hidden states only)
+        graft_language_model(vl, c["text_encoder"])
+        vl._dopsd_grafted = True
+    backend._teacher = (vl, c["tokenizer"], c["image_processor"])
+    for module in (c["text_encoder"], vl):
+        module.requires_grad_(trainable)
+        module.train(trainable)
+    return backend
+
+
+def contexts(backend, prompts: list[str], images: torch.Tensor, use_image: list[bool], grad: bool) -> list:
+    """Per-sample contexts: text-only (student) or image + text (teacher) as `use_image` says."""
+    with torch.set_grad_enabled(grad):
+        out: list = [None] * len(prompts)
+        text_idx = [i for i, u in enumerate(use_image) if not u]
+        img_idx = [i for i, u in enumerate(use_image) if u]
+        if text_idx:
+            for i, c in zip(text_idx, backend.student_features([prompts[i] for i in text_idx])):
+                out[i] = c
+        if img_idx:
+            for i, c in zip(img_idx, backend.teacher_features([prompts[i] for i in img_idx], images[img_idx])):
+                out[i] = c
+    return out
+
+
+def draw_conditioning(rng: random.Random, caption_sets: list[list[str]], p_image: float) -> tuple[list[str], list[bool]]:
+    prompts, use_image = [], []
+    for caps in caption_sets:
+        caption = rng.choice(caps)
+        if rng.random() < p_image:
+            variant = rng.randrange(3)  # full caption, caption without texture, image alone
+            prompts.append(caption if variant == 0 else strip_texture(caption) if variant == 1 else "")
+            use_image.append(True)
+        else:
+            prompts.append(caption)
+            use_image.append(False)
+    return prompts, use_image
+
+
+@torch.no_grad()
+def sample(backend, transformer, prompts: list[str], seeds: list[int], num_steps: int, size: int,
+           images: torch.Tensor | None = None, batch: int = 64) -> torch.Tensor:
+    """Batched Euler sampling: image i from prompt i and noise seed i (with `images`, the teacher context)."""
+    from ..sampling import rollout, seeded_noise
+
+    shape = backend.latent_shape(1, size, size)
+    sigmas = backend.sigmas(num_steps, shape)
+    out = []
+    for start in range(0, len(prompts), batch):
+        sl = slice(start, start + batch)
+        ctx = backend.encode_student(prompts[sl]) if images is None else backend.encode_teacher(prompts[sl], images[sl])
+        noise = torch.cat([seeded_noise(shape, seed) for seed in seeds[sl]])
+        out.append(backend.decode_latents(rollout(backend, transformer, ctx, noise, sigmas)))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+def train_vae(vae, images: torch.Tensor, s: ToyBaseSettings) -> Stage:
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    sched = _cosine_lr(opt, s.vae_steps)
+    vae.train()
+    t0 = time.time()
+    loss = torch.tensor(float("nan"))
+    for step in range(s.vae_steps):
+        x = images[torch.randint(0, len(images), (s.vae_batch,), generator=gen)] * 2 - 1
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + s.vae_kl * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 250 == 0:
+            log.info("vae %d/%d loss %.5f (%.0fs)", step + 1, s.vae_steps, loss.item(), time.time() - t0)
+    vae.eval().requires_grad_(False)
+    # Standardise the latents the way Z-Image's config does (z' = (z - shift) * scale).
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mean for i in range(0, min(2048, len(images)), 256)])
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
+    return Stage(time.time() - t0, loss.item())
+
+
+@torch.no_grad()
+def latent_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dists = [vae.encode(images[i:i + 256] * 2 - 1).latent_dist for i in range(0, len(images), 256)]
+    return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+
+
+def pretrain(backend, components: dict, images: torch.Tensor, caption_sets: list[list[str]],
+             s: ToyBaseSettings) -> Stage:
+    transformer = backend.transformer
+    vl = components["teacher_encoder"]
+    params = (list(transformer.parameters()) + list(components["text_encoder"].parameters())
+              + list(vl.model.visual.parameters()))
+    opt = torch.optim.AdamW(params, lr=s.pretrain_lr, weight_decay=0.01)
+    sched = _cosine_lr(opt, s.pretrain_steps, warmup=200)
+    gen = torch.Generator().manual_seed(s.seed + 2)
+    rng = random.Random(s.seed + 2)
+    transformer.train()
+    t0 = time.time()
+    mean, std = latent_moments(backend.vae, images)  # the VAE is frozen: encode once, sample per step
+    ema = None
+    for step in range(s.pretrain_steps):
+        idx = torch.randint(0, len(images), (s.batch,), generator=gen)
+        pixels = images[idx]
+        prompts, use_image = draw_conditioning(rng, [caption_sets[i] for i in idx.tolist()], s.p_image)
+        ctx = contexts(backend, prompts, pixels, use_image, grad=True)
+        cfg = backend.vae.config
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - cfg.shift_factor) * cfg.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen)
+        u = torch.sigmoid(torch.randn(s.batch, generator=gen))  # logit-normal, then the schedule's shift
+        sig = (s.shift * u / (1 + (s.shift - 1) * u)).view(-1, 1, 1, 1)
+        x = (1 - sig) * x0 + sig * noise
+        v = backend.velocity(transformer, x, sig.flatten(), ctx)
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if (step + 1) % 100 == 0:
+            log.info("pretrain %d/%d loss %.4f (%.0fs)", step + 1, s.pretrain_steps, ema, time.time() - t0)
+    transformer.eval()
+    return Stage(time.time() - t0, ema)
+
+
+@torch.no_grad()
+def make_trajectories(backend, images: torch.Tensor, caption_sets: list[list[str]], s: ToyBaseSettings) -> dict:
+    """Many-step Euler trajectories of the pretrained model, kept at the turbo schedule's points."""
+    from ..sampling import rollout  # noqa: F401  (same Euler rule; the loop below keeps intermediate states)
+    from ..schedule import euler_step
+
+    rng = random.Random(s.seed + 3)
+    gen = torch.Generator().manual_seed(s.seed + 3)
+    idx = torch.randint(0, len(images), (s.trajectories,), generator=gen)
+    prompts, use_image = draw_conditioning(rng, [caption_sets[i] for i in idx.tolist()], s.p_image)
+    shape = backend.latent_shape(s.trajectories, s.size, s.size)
+    noise = torch.randn(shape, generator=gen)
+    fine = backend.sigmas(s.teacher_steps, shape)
+    every = s.teacher_steps // s.turbo_steps
+    states = torch.empty((s.trajectories, s.turbo_steps + 1) + tuple(shape[1:]))
+    for start in range(0, s.trajectories, 128):
+        sl = slice(start, start + 128)
+        ctx = contexts(backend, prompts[sl], images[idx[sl]], use_image[sl], grad=False)
+        x = noise[sl].clone()
+        states[sl, 0] = x
+        for k in range(s.teacher_steps):
+            x = euler_step(x, backend.velocity(backend.transformer, x, fine[k], ctx), fine[k], fine[k + 1])
+            if (k + 1) % every == 0:
+                states[sl, (k + 1) // every] = x
+    return {"idx": idx, "prompts": prompts, "use_image": use_image, "states": states}
+
+
+def distill(backend, trajectories: dict, images: torch.Tensor, s: ToyBaseSettings) -> Stage:
+    transformer = backend.transformer
+    coarse = backend.sigmas(s.turbo_steps, backend.latent_shape(1, s.size, s.size))
+    opt = torch.optim.AdamW(transformer.parameters(), lr=s.distill_lr, weight_decay=0.0)
+    sched = _cosine_lr(opt, s.distill_steps)
+    gen = torch.Generator().manual_seed(s.seed + 4)
+    states, n = trajectories["states"], s.trajectories
+    transformer.train()
+    t0 = time.time()
+    ema = None
+    for step in range(s.distill_steps):
+        j = torch.randint(0, n, (s.batch,), generator=gen)
+        k = torch.randint(0, s.turbo_steps, (s.batch,), generator=gen)
+        with torch.no_grad():
+            ctx = contexts(backend, [trajectories["prompts"][i] for i in j.tolist()],
+                           images[trajectories["idx"][j]], [trajectories["use_image"][i] for i in j.tolist()],
+                           grad=False)
+        sig = torch.tensor([coarse[i] for i in k.tolist()])
+        sig_next = torch.tensor([coarse[i + 1] for i in k.tolist()])
+        x, x_next = states[j, k], states[j, k + 1]
+        target = (x_next - x) / (sig_next - sig).view(-1, 1, 1, 1)
+        v = backend.velocity(transformer, x, sig, ctx)
+        # x0-space weighting (as D-OPSD's loss): errors matter in proportion to the step they move.
+        loss = (((v - target) * (sig - sig_next).view(-1, 1, 1, 1)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if (step + 1) % 100 == 0:
+            log.info("distill %d/%d loss %.5f (%.0fs)", step + 1, s.distill_steps, ema, time.time() - t0)
+    transformer.eval()
+    return Stage(time.time() - t0, ema)
+
+
+def evaluate(backend, evaluator, s: ToyBaseSettings, num_steps: int, with_image: bool = False) -> dict:
+    """Evaluator scores of samples for held-out world prompts (a seed range no stage trained on)."""
+    images, attrs = sample_world(s.eval_count, seed=20_000, size=s.size)
+    prompts = [captions(a)[i % 3] for i, a in enumerate(attrs)]
+    pixels = _to_float(images)
+    out = sample(backend, backend.transformer, prompts if not with_image else [""] * len(prompts),
+                 list(range(s.eval_count)), num_steps, s.size, images=pixels if with_image else None)
+    scores = evaluator.score(out, targets=attrs)
+    return {k: round(float(v), 4) for k, v in scores.items()}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+# Settings each stage's result does not depend on (everything else keys its cache entry).
+_LATER = {
+    "vae": ("pretrain_steps", "pretrain_lr", "batch", "p_image", "trajectories", "teacher_steps", "turbo_steps",
+            "distill_steps", "distill_lr", "eval_count"),
+    "pretrain": ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count"),
+}
+
+
+def _stage_modules(c: dict, stage: str) -> dict:
+    if stage == "vae":
+        return {"vae": c["vae"]}
+    return {"transformer": c["transformer"], "text_encoder": c["text_encoder"],
+            "visual": c["teacher_encoder"].model.visual}
+
+
+def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, run) -> dict:
+    """Run a stage, or load its result from `work` when the same settings already produced it (an interrupted
+    or re-tuned build does not redo finished stages; the result is the same either way)."""
+    from safetensors.torch import load_file, save_file
+
+    settings = {k: v for k, v in asdict(s).items() if k not in _LATER[stage]}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = work / f"{stage}-{key}.safetensors" if work is not None else None
+    modules = _stage_modules(c, stage)
+    if path is not None and path.exists():
+        state = load_file(str(path))
+        for name, module in modules.items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["info"])
+        if stage == "vae":
+            c["vae"].register_to_config(**info.pop("vae_config"))
+        log.info("%s: loaded from %s", stage, path)
+        return {**info, "cached": True}
+    info = asdict(run())
+    if path is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        state = {f"{name}.{k}": v.detach().contiguous() for name, module in modules.items()
+                 for k, v in module.state_dict().items()}
+        meta = dict(info)
+        if stage == "vae":
+            meta["vae_config"] = {k: c["vae"].config[k] for k in ("shift_factor", "scaling_factor")}
+        save_file(state, str(path), metadata={"info": json.dumps(meta)})
+    return info
+
+
+def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettings(), evaluator=None,
+                  work: str | Path | None = None) -> dict:
+    from ..models.zimage_tiny import build_tiny_components, save_zimage_dir
+
+    s = settings
+    work = Path(work) if work else None
+    torch.set_num_threads(s.threads)
+    t_start = time.time()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        c = build_tiny_components(
+            s.seed, dit_dim=s.dit_dim, dit_layers=s.dit_layers, text_hidden=s.text_hidden,
+            vae_channels=s.vae_channels, vae_groups=s.vae_groups, latent_channels=s.latent_channels,
+            teacher_patch=s.teacher_patch, vision_hidden=s.vision_hidden, shift=s.shift,
+            tokenizer_corpus=world_corpus())
+        raw, attrs = sample_world(s.num_images, seed=s.seed, size=s.size)
+        images = _to_float(raw)
+        caption_sets = [captions(a) for a in attrs]
+        report: dict = {"settings": asdict(s), "stages": {}}
+
+        c["vae"].requires_grad_(True)
+        report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda: train_vae(c["vae"], images, s))
+        c["vae"].eval().requires_grad_(False)
+        backend = build_backend(c, s, trainable=True)
+        report["stages"]["pretrain"] = _cached_stage(work, "pretrain", s, c,
+                                                     lambda: pretrain(backend, c, images, caption_sets, s))
+        backend = build_backend(c, s, trainable=False)
+        backend.transformer.eval()
+        if evaluator is not None:
+            report["base_many_steps"] = evaluate(backend, evaluator, s, s.teacher_steps)
+            report["base_4_steps"] = evaluate(backend, evaluator, s, s.turbo_steps)
+            log.info("base: %s steps %s; 4 steps %s", s.teacher_steps, report["base_many_steps"],
+                     report["base_4_steps"])
+        t0 = time.time()
+        traj = make_trajectories(backend, images, caption_sets, s)
+        report["stages"]["trajectories"] = {"seconds": time.time() - t0}
+        report["stages"]["distill"] = asdict(distill(backend, traj, images, s))
+        if evaluator is not None:
+            report["turbo_4_steps"] = evaluate(backend, evaluator, s, s.turbo_steps)
+            report["turbo_4_steps_image_only"] = evaluate(backend, evaluator, s, s.turbo_steps, with_image=True)
+            log.info("turbo: 4 steps %s; image only %s", report["turbo_4_steps"], report["turbo_4_steps_image_only"])
+    report["seconds"] = round(time.time() - t_start, 1)
+    c["teacher_encoder"].lm_head = c.pop("lm_head")
+    out = save_zimage_dir(c, out_dir)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--work", help="stage cache directory: finished stages are reused on a rerun")
+    parser.add_argument("--evaluator", help="world evaluator safetensors (scores written to report.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a ToyBaseSettings field, e.g. --set pretrain_steps=500")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        default = getattr(ToyBaseSettings, key)
+        overrides[key] = type(default)(value) if not isinstance(default, tuple) else tuple(
+            int(v) for v in value.split(","))
+    evaluator = None
+    if args.evaluator:
+        from .evaluator import load_evaluator
+        evaluator = load_evaluator(args.evaluator)
+    report = make_toy_base(args.out, ToyBaseSettings(**overrides), evaluator, work=args.work)
+    print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
