@@ -104,6 +104,12 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_toy_base(args: argparse.Namespace) -> int:
+    from .world.toybase import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dopsd", description="D-OPSD trainer for step-distilled DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="zimage")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
+
+    from .world.toybase import add_arguments
+
+    p = sub.add_parser("make-toy-base", help="train the miniature world's toy turbo model (VAE, pretraining, "
+                                             "4-step distillation; dopsd/world/toybase.py)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_make_toy_base)
     return parser
 
 

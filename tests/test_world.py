@@ -160,3 +160,30 @@ def test_evaluator_training_is_reproducible():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_unnamed_textures_are_deterministic_and_never_a_named_one():
+    from dopsd.world.generator import _named_tiles, _texture_mask, random_tile, sample_unnamed_textures
+
+    a, attrs_a = sample_unnamed_textures(12, seed=5)
+    b, _ = sample_unnamed_textures(12, seed=5)
+    assert np.array_equal(a, b) and all(x.texture == "plain" for x in attrs_a)
+    named = _named_tiles()
+    checker = _texture_mask("checkered", 32)[:4, :4]
+    assert checker.tobytes() in named  # the held-out concept is excluded, at every shift
+    rng = random.Random(0)
+    for _ in range(200):
+        tile = random_tile(rng)
+        assert tile.tobytes() not in named and 4 <= tile.sum() <= 12
+    # the unnamed texture shows inside the shape: not the plain rendering of the same attributes
+    assert not np.array_equal(a[0], render(attrs_a[0]))
+
+
+def test_shipped_evaluator_is_the_seed_0_training_run(evaluator):
+    """dopsd/assets/world_evaluator.safetensors (used by the benchmark and the toy base's tests) is exactly
+    what `train_evaluator(seed=0)` produces, so anyone can rebuild it."""
+    from pathlib import Path
+
+    shipped = load_evaluator(Path(__file__).resolve().parents[1] / "dopsd/assets/world_evaluator.safetensors")
+    mine = evaluator.state_dict()
+    assert all(torch.allclose(v, mine[k], atol=1e-5) for k, v in shipped.state_dict().items())

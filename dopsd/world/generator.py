@@ -182,8 +182,38 @@ def _texture_mask(texture: str, size: int) -> np.ndarray:
     raise ValueError(texture)
 
 
-def render(attrs: Attributes, size: int = 32) -> np.ndarray:
-    """uint8 (size, size, 3) image of `attrs`."""
+def _tile_mask(tile: np.ndarray, size: int) -> np.ndarray:
+    p = max(2, round(_TEXTURE_PERIOD * size / 32))
+    scale = p // tile.shape[0]
+    cell = np.kron(tile.astype(bool), np.ones((scale, scale), bool)) if scale > 1 else tile.astype(bool)
+    reps = -(-size // cell.shape[0])
+    return np.tile(cell, (reps, reps))[:size, :size]
+
+
+def _named_tiles(period: int = _TEXTURE_PERIOD) -> set[bytes]:
+    """Every cyclic shift (and inverse) of the named textures' tiles: what an unnamed tile must not be."""
+    out = set()
+    for texture in TEXTURES:
+        tile = _texture_mask(texture, 32)[:period, :period]
+        for dy in range(period):
+            for dx in range(period):
+                t = np.roll(tile, (dy, dx), axis=(0, 1))
+                out.update({t.tobytes(), (~t).tobytes()})
+    return out
+
+
+def random_tile(rng: random.Random, period: int = _TEXTURE_PERIOD) -> np.ndarray:
+    """A random `period` x `period` binary texture tile that is none of the named textures (the held-out
+    concept included) under any shift or inversion, with 4..12 of 16 cells marked."""
+    named = _named_tiles(period)
+    while True:
+        tile = np.array([rng.random() < 0.5 for _ in range(period * period)]).reshape(period, period)
+        if period * period // 4 <= tile.sum() <= 3 * period * period // 4 and tile.tobytes() not in named:
+            return tile
+
+
+def render(attrs: Attributes, size: int = 32, tile: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (size, size, 3) image of `attrs`; with `tile`, that unnamed texture replaces `attrs.texture`."""
     n = size * _SS
     fx, fy = _CENTERS[attrs.position]
     cx = (fx + attrs.dx * _JITTER) * n
@@ -192,7 +222,7 @@ def render(attrs: Attributes, size: int = 32) -> np.ndarray:
     cover = _shape_mask(attrs.shape, cx, cy, r, n).reshape(size, _SS, size, _SS).mean(axis=(1, 3))
     fg = np.asarray(COLORS[attrs.color], np.float64)
     dark = fg * _TEXTURE_DARKEN
-    marks = _texture_mask(attrs.texture, size)
+    marks = _texture_mask(attrs.texture, size) if tile is None else _tile_mask(tile, size)
     shape_rgb = np.where(marks[..., None], dark, fg)
     bg = np.asarray(BACKGROUNDS[attrs.background], np.float64)
     img = bg + cover[..., None] * (shape_rgb - bg)
@@ -267,6 +297,17 @@ def sample_world(count: int, seed: int, size: int = 32, only: Mapping | None = N
     return images, attrs
 
 
+def sample_unnamed_textures(count: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[Attributes]]:
+    """Images whose texture is a random unnamed tile (`random_tile`); their attributes say "plain" for the
+    texture, which their captions must therefore not state. A base model shown these with the image as
+    context learns to copy a texture it has no word for -- the in-context skill D-OPSD's teacher relies on
+    -- without ever seeing the held-out concept."""
+    rng = random.Random(f"dopsd-unnamed:{seed}")
+    attrs = [sample_attributes(rng, textures=("plain",)) for _ in range(count)]
+    images = [render(a, size, tile=random_tile(rng)) for a in attrs]
+    return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)), attrs
+
+
 def _write(out: Path, images: np.ndarray, attrs: list[Attributes], concept: str | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, a) in enumerate(zip(images, attrs)):
@@ -301,6 +342,6 @@ def concept_samples(count: int, seed: int, size: int = 32, only: Mapping | None 
 __all__ = [
     "ATTRIBUTES", "Attributes", "BACKGROUNDS", "BASE_TEXTURES", "COLORS", "CONCEPT_TEXTURE", "DEFAULT_HELD_OUT",
     "HeldOut", "PLACEHOLDER", "POSITIONS", "SHAPES", "SIZES", "TEXTURES", "VOCAB", "captions", "concept_samples",
-    "parse_caption", "render", "sample_attributes", "sample_world", "write_concept_folder",
+    "parse_caption", "random_tile", "render", "sample_attributes", "sample_unnamed_textures", "sample_world", "write_concept_folder",
     "write_world_folder",
 ]

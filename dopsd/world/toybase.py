@@ -3,16 +3,20 @@
     python -m dopsd.world.toybase --out runs/toy-turbo        (or: dopsd make-toy-base --out ...)
 
 It is a Z-Image-class checkpoint (the same diffusers/transformers classes, directory layout and backend code
-path as the real model, only small) trained in three stages, all on base-world images (the held-out
-`checkered` texture is never shown):
+path as the real model, only small) trained in three stages on base-world images plus images whose texture is
+a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `checkered` texture is never shown:
 
 1. **VAE**: a small `AutoencoderKL` (32x32 RGB -> 16x16x8) trained for reconstruction; its latents are then
-   standardised (`shift_factor`, `scaling_factor`) as in Z-Image's VAE config.
+   standardised (`shift_factor`, `scaling_factor`) as in Z-Image's VAE config, and its posterior made
+   deterministic (see `make_deterministic`).
 2. **Pretraining**: rectified flow matching of the DiT *and* its conditioning encoders (the Qwen3 text
    encoder and the grafted Qwen3-VL vision front-end, which share the language weights as in the real
-   teacher). Half the samples are conditioned on text alone; the other half on the image itself plus the
-   full caption, the caption without its texture words, or no text at all. That is the in-context ability
-   D-OPSD's teacher needs: prompt + target image -> the target's look, including what the text cannot say.
+   teacher). Half the samples are conditioned on text alone (base world); the other half on the image itself
+   plus the full caption, the caption without its texture words, or no text at all -- and half of those show
+   an unnamed texture, which no caption can name. That is the in-context skill D-OPSD's teacher needs:
+   prompt + target image -> the target's look, including what the text has no word for. (A first version
+   without unnamed textures learned to map any texture in the image onto the three named ones: its teacher
+   rendered the held-out texture 0% of the time.)
 3. **Step distillation** to K = 4 Euler steps by trajectory regression: the pretrained model integrates its
    ODE with many Euler steps from fixed noise; the student (initialised from it) learns, at each of the
    4-step schedule's states on that trajectory, the velocity whose Euler step lands on the next state.
@@ -32,7 +36,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +62,13 @@ def world_corpus() -> tuple[str, ...]:
     return tuple(c for a in attrs for c in captions(a)) + tuple(" ".join(v) for v in VOCAB.values())
 
 
+# What the shipped toy turbo keeps at 4 steps on held-out world prompts (tests/test_world_toybase.py). Below
+# the evaluator's bar for real images (0.95 mean attribute accuracy): the toy draws colour, size, position,
+# background and named textures right (~0.98-1.0) but its shapes are blobs (shape accuracy ~0.36); the VAE
+# alone caps sharpness at ~0.70 of real images.
+QUALITY_BAR = {"acc_mean": 0.85, "sharpness_ratio": 0.5, "image_only_acc": 0.85}
+
+
 @dataclass(frozen=True)
 class ToyBaseSettings:
     seed: int = 0
@@ -74,6 +85,7 @@ class ToyBaseSettings:
     latent_channels: int = 8
     shift: float = 3.0                # Z-Image-Turbo's schedule: 4 steps = 1, .9, .75, .5 -> 0
     num_images: int = 8192
+    num_unnamed: int = 4096           # images of random unnamed textures (image-context samples only)
     # stage 1
     vae_steps: int = 1500
     vae_lr: float = 2e-3
@@ -84,11 +96,17 @@ class ToyBaseSettings:
     pretrain_lr: float = 1e-3
     batch: int = 32
     p_image: float = 0.5              # share of samples conditioned on image (+ text variant)
+    p_unnamed: float = 0.5            # share of those that show an unnamed texture
+    # stage 2b: more pretraining with image-context samples (unnamed textures above all) weighted up
+    incontext_steps: int = 0
+    incontext_lr: float = 5e-4
+    incontext_p_image: float = 0.75
+    incontext_p_unnamed: float = 0.67
     # stage 3
     trajectories: int = 2048
     teacher_steps: int = 32           # a multiple of turbo_steps, so the two grids share points
     turbo_steps: int = 4
-    distill_steps: int = 1500
+    distill_steps: int = 1000
     distill_lr: float = 3e-4
     # evaluation in report.json
     eval_count: int = 256
@@ -155,18 +173,44 @@ def contexts(backend, prompts: list[str], images: torch.Tensor, use_image: list[
     return out
 
 
-def draw_conditioning(rng: random.Random, caption_sets: list[list[str]], p_image: float) -> tuple[list[str], list[bool]]:
-    prompts, use_image = [], []
-    for caps in caption_sets:
-        caption = rng.choice(caps)
-        if rng.random() < p_image:
-            variant = rng.randrange(3)  # full caption, caption without texture, image alone
-            prompts.append(caption if variant == 0 else strip_texture(caption) if variant == 1 else "")
-            use_image.append(True)
-        else:
-            prompts.append(caption)
-            use_image.append(False)
-    return prompts, use_image
+@dataclass
+class Pool:
+    """Training images: `n_base` base-world images, then images of unnamed textures (captions stripped of
+    texture words), which are only ever shown with the image as context."""
+    images: torch.Tensor
+    caption_sets: list[list[str]]
+    n_base: int
+
+    def draw(self, rng: random.Random, count: int, s: "ToyBaseSettings") -> tuple[list[int], list[str], list[bool]]:
+        """Indices, prompts and conditioning kinds of `count` samples: text only (a caption), or the image with
+        its full caption, its caption without the texture, or no text; unnamed textures never get a name."""
+        idx, prompts, use_image = [], [], []
+        for _ in range(count):
+            if rng.random() >= s.p_image:
+                i = rng.randrange(self.n_base)
+                prompt, image = rng.choice(self.caption_sets[i]), False
+            elif rng.random() < s.p_unnamed and len(self.images) > self.n_base:
+                i = rng.randrange(self.n_base, len(self.images))
+                prompt, image = (rng.choice(self.caption_sets[i]) if rng.random() < 0.5 else ""), True
+            else:
+                i = rng.randrange(self.n_base)
+                caption = rng.choice(self.caption_sets[i])
+                variant = rng.randrange(3)
+                prompt, image = (caption if variant == 0 else strip_texture(caption) if variant == 1 else ""), True
+            idx.append(i)
+            prompts.append(prompt)
+            use_image.append(image)
+        return idx, prompts, use_image
+
+
+def make_pool(s: "ToyBaseSettings") -> Pool:
+    from .generator import sample_unnamed_textures
+
+    raw, attrs = sample_world(s.num_images, seed=s.seed, size=s.size)
+    raw_u, attrs_u = sample_unnamed_textures(s.num_unnamed, seed=s.seed, size=s.size)
+    images = _to_float(np.concatenate([raw, raw_u]))
+    caption_sets = [captions(a) for a in attrs] + [[strip_texture(c) for c in captions(a)] for a in attrs_u]
+    return Pool(images, caption_sets, s.num_images)
 
 
 @torch.no_grad()
@@ -216,29 +260,42 @@ def train_vae(vae, images: torch.Tensor, s: ToyBaseSettings) -> Stage:
 
 
 @torch.no_grad()
+def make_deterministic(vae) -> None:
+    """Pin the posterior's std to ~0 (log-variance output -30): latents are then the posterior mean.
+
+    With a tiny KL weight the VAE leaves its unused latent channels at std ~1, i.e. pure noise that every
+    flow-matching target (pretraining here, SFT in the trainer) would have to regress; the decoder already
+    ignores those channels, so dropping the noise changes reconstructions little and removes that floor.
+    """
+    conv = vae.encoder.conv_out
+    half = conv.out_channels // 2
+    conv.weight[half:] = 0
+    conv.bias[half:] = -30.0
+
+
+@torch.no_grad()
 def latent_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dists = [vae.encode(images[i:i + 256] * 2 - 1).latent_dist for i in range(0, len(images), 256)]
     return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
 
-def pretrain(backend, components: dict, images: torch.Tensor, caption_sets: list[list[str]],
-             s: ToyBaseSettings) -> Stage:
+def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=None, phase: int = 0) -> Stage:
     transformer = backend.transformer
     vl = components["teacher_encoder"]
     params = (list(transformer.parameters()) + list(components["text_encoder"].parameters())
               + list(vl.model.visual.parameters()))
     opt = torch.optim.AdamW(params, lr=s.pretrain_lr, weight_decay=0.01)
     sched = _cosine_lr(opt, s.pretrain_steps, warmup=200)
-    gen = torch.Generator().manual_seed(s.seed + 2)
-    rng = random.Random(s.seed + 2)
+    gen = torch.Generator().manual_seed(s.seed + 2 + 10 * phase)
+    rng = random.Random(s.seed + 2 + 10 * phase)
     transformer.train()
     t0 = time.time()
-    mean, std = latent_moments(backend.vae, images)  # the VAE is frozen: encode once, sample per step
+    mean, std = latent_moments(backend.vae, pool.images)  # the VAE is frozen: encode once, sample per step
     ema = None
     for step in range(s.pretrain_steps):
-        idx = torch.randint(0, len(images), (s.batch,), generator=gen)
-        pixels = images[idx]
-        prompts, use_image = draw_conditioning(rng, [caption_sets[i] for i in idx.tolist()], s.p_image)
+        idx, prompts, use_image = pool.draw(rng, s.batch, s)
+        idx = torch.tensor(idx)
+        pixels = pool.images[idx]
         ctx = contexts(backend, prompts, pixels, use_image, grad=True)
         cfg = backend.vae.config
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - cfg.shift_factor) * cfg.scaling_factor
@@ -256,20 +313,23 @@ def pretrain(backend, components: dict, images: torch.Tensor, caption_sets: list
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if (step + 1) % 100 == 0:
             log.info("pretrain %d/%d loss %.4f (%.0fs)", step + 1, s.pretrain_steps, ema, time.time() - t0)
+        if monitor is not None and (step + 1) % 1000 == 0:
+            transformer.eval()
+            log.info("pretrain %d: %s", step + 1, monitor())
+            transformer.train()
     transformer.eval()
     return Stage(time.time() - t0, ema)
 
 
 @torch.no_grad()
-def make_trajectories(backend, images: torch.Tensor, caption_sets: list[list[str]], s: ToyBaseSettings) -> dict:
+def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
     """Many-step Euler trajectories of the pretrained model, kept at the turbo schedule's points."""
-    from ..sampling import rollout  # noqa: F401  (same Euler rule; the loop below keeps intermediate states)
     from ..schedule import euler_step
 
     rng = random.Random(s.seed + 3)
     gen = torch.Generator().manual_seed(s.seed + 3)
-    idx = torch.randint(0, len(images), (s.trajectories,), generator=gen)
-    prompts, use_image = draw_conditioning(rng, [caption_sets[i] for i in idx.tolist()], s.p_image)
+    idx, prompts, use_image = pool.draw(rng, s.trajectories, s)
+    idx = torch.tensor(idx)
     shape = backend.latent_shape(s.trajectories, s.size, s.size)
     noise = torch.randn(shape, generator=gen)
     fine = backend.sigmas(s.teacher_steps, shape)
@@ -277,7 +337,7 @@ def make_trajectories(backend, images: torch.Tensor, caption_sets: list[list[str
     states = torch.empty((s.trajectories, s.turbo_steps + 1) + tuple(shape[1:]))
     for start in range(0, s.trajectories, 128):
         sl = slice(start, start + 128)
-        ctx = contexts(backend, prompts[sl], images[idx[sl]], use_image[sl], grad=False)
+        ctx = contexts(backend, prompts[sl], pool.images[idx[sl]], use_image[sl], grad=False)
         x = noise[sl].clone()
         states[sl, 0] = x
         for k in range(s.teacher_steps):
@@ -287,7 +347,7 @@ def make_trajectories(backend, images: torch.Tensor, caption_sets: list[list[str
     return {"idx": idx, "prompts": prompts, "use_image": use_image, "states": states}
 
 
-def distill(backend, trajectories: dict, images: torch.Tensor, s: ToyBaseSettings) -> Stage:
+def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stage:
     transformer = backend.transformer
     coarse = backend.sigmas(s.turbo_steps, backend.latent_shape(1, s.size, s.size))
     opt = torch.optim.AdamW(transformer.parameters(), lr=s.distill_lr, weight_decay=0.0)
@@ -302,7 +362,7 @@ def distill(backend, trajectories: dict, images: torch.Tensor, s: ToyBaseSetting
         k = torch.randint(0, s.turbo_steps, (s.batch,), generator=gen)
         with torch.no_grad():
             ctx = contexts(backend, [trajectories["prompts"][i] for i in j.tolist()],
-                           images[trajectories["idx"][j]], [trajectories["use_image"][i] for i in j.tolist()],
+                           pool.images[trajectories["idx"][j]], [trajectories["use_image"][i] for i in j.tolist()],
                            grad=False)
         sig = torch.tensor([coarse[i] for i in k.tolist()])
         sig_next = torch.tensor([coarse[i + 1] for i in k.tolist()])
@@ -334,13 +394,29 @@ def evaluate(backend, evaluator, s: ToyBaseSettings, num_steps: int, with_image:
     return {k: round(float(v), 4) for k, v in scores.items()}
 
 
+def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
+    """Texture accuracy on images of the held-out concept (never trained on) for "[V]" prompts: sampled with
+    the image as context (the teacher) and from the text alone (the student)."""
+    from .generator import PLACEHOLDER, concept_samples
+
+    raw, attrs = concept_samples(count, seed=4242, size=s.size)
+    prompts = [captions(a, PLACEHOLDER)[i % 3] for i, a in enumerate(attrs)]
+    seeds = list(range(count))
+    teacher = sample(backend, backend.transformer, prompts, seeds, s.turbo_steps, s.size, images=_to_float(raw))
+    student = sample(backend, backend.transformer, prompts, seeds, s.turbo_steps, s.size)
+    return {"teacher_concept_texture": evaluator.attribute_accuracy(teacher, attrs)["texture"],
+            "teacher_concept_attrs": round(evaluator.attribute_accuracy(teacher, attrs)["mean"], 4),
+            "student_concept_texture": evaluator.attribute_accuracy(student, attrs)["texture"]}
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 # Settings each stage's result does not depend on (everything else keys its cache entry).
 _LATER = {
-    "vae": ("pretrain_steps", "pretrain_lr", "batch", "p_image", "trajectories", "teacher_steps", "turbo_steps",
+    "vae": ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed", "p_unnamed", "pretrain_steps", "pretrain_lr", "batch", "p_image", "trajectories", "teacher_steps", "turbo_steps",
             "distill_steps", "distill_lr", "eval_count"),
-    "pretrain": ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count"),
+    "incontext": ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count"),
+    "pretrain": ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed", "trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count"),
 }
 
 
@@ -399,17 +475,22 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
             vae_channels=s.vae_channels, vae_groups=s.vae_groups, latent_channels=s.latent_channels,
             teacher_patch=s.teacher_patch, vision_hidden=s.vision_hidden, shift=s.shift,
             tokenizer_corpus=world_corpus())
-        raw, attrs = sample_world(s.num_images, seed=s.seed, size=s.size)
-        images = _to_float(raw)
-        caption_sets = [captions(a) for a in attrs]
+        pool = make_pool(s)
         report: dict = {"settings": asdict(s), "stages": {}}
 
         c["vae"].requires_grad_(True)
-        report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda: train_vae(c["vae"], images, s))
+        report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda: train_vae(c["vae"], pool.images, s))
         c["vae"].eval().requires_grad_(False)
+        make_deterministic(c["vae"])
         backend = build_backend(c, s, trainable=True)
+        monitor = (lambda: in_context(backend, evaluator, s, count=32)) if evaluator is not None else None
         report["stages"]["pretrain"] = _cached_stage(work, "pretrain", s, c,
-                                                     lambda: pretrain(backend, c, images, caption_sets, s))
+                                                     lambda: pretrain(backend, c, pool, s, monitor))
+        if s.incontext_steps:
+            phase = replace(s, pretrain_steps=s.incontext_steps, pretrain_lr=s.incontext_lr,
+                            p_image=s.incontext_p_image, p_unnamed=s.incontext_p_unnamed)
+            report["stages"]["incontext"] = _cached_stage(work, "incontext", s, c,
+                                                          lambda: pretrain(backend, c, pool, phase, monitor, phase=1))
         backend = build_backend(c, s, trainable=False)
         backend.transformer.eval()
         if evaluator is not None:
@@ -418,13 +499,15 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
             log.info("base: %s steps %s; 4 steps %s", s.teacher_steps, report["base_many_steps"],
                      report["base_4_steps"])
         t0 = time.time()
-        traj = make_trajectories(backend, images, caption_sets, s)
+        traj = make_trajectories(backend, pool, s)
         report["stages"]["trajectories"] = {"seconds": time.time() - t0}
-        report["stages"]["distill"] = asdict(distill(backend, traj, images, s))
+        report["stages"]["distill"] = asdict(distill(backend, traj, pool, s))
         if evaluator is not None:
             report["turbo_4_steps"] = evaluate(backend, evaluator, s, s.turbo_steps)
             report["turbo_4_steps_image_only"] = evaluate(backend, evaluator, s, s.turbo_steps, with_image=True)
-            log.info("turbo: 4 steps %s; image only %s", report["turbo_4_steps"], report["turbo_4_steps_image_only"])
+            report["turbo_in_context"] = in_context(backend, evaluator, s)
+            log.info("turbo: 4 steps %s; image only %s; in context %s", report["turbo_4_steps"],
+                     report["turbo_4_steps_image_only"], report["turbo_in_context"])
     report["seconds"] = round(time.time() - t_start, 1)
     c["teacher_encoder"].lm_head = c.pop("lm_head")
     out = save_zimage_dir(c, out_dir)
@@ -432,21 +515,22 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="model directory to write (Z-Image layout)")
     parser.add_argument("--work", help="stage cache directory: finished stages are reused on a rerun")
     parser.add_argument("--evaluator", help="world evaluator safetensors (scores written to report.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ToyBaseSettings field, e.g. --set pretrain_steps=500")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+
+def run(args: argparse.Namespace) -> int:
     overrides = {}
-    for item in args.set:
+    for item in args.set or []:
         key, _, value = item.partition("=")
+        if key not in ToyBaseSettings.__dataclass_fields__:
+            raise SystemExit(f"--set {key}: not a ToyBaseSettings field")
         default = getattr(ToyBaseSettings, key)
-        overrides[key] = type(default)(value) if not isinstance(default, tuple) else tuple(
-            int(v) for v in value.split(","))
+        overrides[key] = tuple(int(v) for v in value.split(",")) if isinstance(default, tuple) else type(default)(value)
     evaluator = None
     if args.evaluator:
         from .evaluator import load_evaluator
@@ -454,6 +538,13 @@ def main(argv: list[str] | None = None) -> int:
     report = make_toy_base(args.out, ToyBaseSettings(**overrides), evaluator, work=args.work)
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""The miniature world's toy turbo model: the script that makes it, the shipped checkpoint, and the SFT vs
+D-OPSD comparison's smoke run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dopsd.config import ModelConfig
+from dopsd.models import load_backend
+from dopsd.world import PLACEHOLDER, captions, concept_samples, sample_world
+from dopsd.world.evaluator import load_evaluator
+from dopsd.world.toybase import QUALITY_BAR, ToyBaseSettings, make_toy_base, sample, strip_texture
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "dopsd" / "assets"
+TOY = ASSETS / "toy_turbo"
+
+
+def _backend(path: Path):
+    return load_backend(ModelConfig(backend="zimage", path=str(path), teacher_min_pixels=4096,
+                                    teacher_max_pixels=4096))
+
+
+def test_strip_texture_removes_every_texture_phrase():
+    _, attrs = sample_world(40, seed=3)
+    for a in attrs:
+        for caption in captions(a):
+            stripped = strip_texture(caption)
+            assert a.texture not in stripped and "stripes" not in stripped and "dots" not in stripped
+            assert a.shape in stripped and a.color in stripped and a.background in stripped
+            assert "  " not in stripped and " ," not in stripped
+
+
+def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
+    tiny = dict(num_images=64, vae_steps=3, vae_batch=8, pretrain_steps=3, batch=8, trajectories=16,
+                teacher_steps=8, distill_steps=2, dit_dim=64, dit_layers=1)
+    work = tmp_path / "work"
+    first = make_toy_base(tmp_path / "a", ToyBaseSettings(**tiny), work=work)
+    assert not first["stages"]["vae"].get("cached") and not first["stages"]["pretrain"].get("cached")
+    # a distillation-only change reuses the cached VAE and pretraining stages
+    second = make_toy_base(tmp_path / "b", ToyBaseSettings(**{**tiny, "distill_steps": 3}), work=work)
+    assert second["stages"]["vae"]["cached"] and second["stages"]["pretrain"]["cached"]
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["settings"]["distill_steps"] == 3
+
+    backend = _backend(tmp_path / "a")  # the real loading code: ZImageBackend.from_config
+    assert backend.transformer.config.dim == 64 and backend.vae.config.latent_channels == 8
+    images = sample(backend, backend.transformer, ["a small red plain circle"], [0], 4, 32)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    # the teacher path (grafted Qwen3-VL front-end) loads from the saved teacher_encoder/ too
+    ctx = backend.encode_teacher([""], images)
+    assert len(ctx) == 1 and ctx[0].shape[-1] == backend.transformer.config.cap_feat_dim
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    return _backend(TOY), load_evaluator(ASSETS / "world_evaluator.safetensors")
+
+
+def test_shipped_turbo_reaches_the_quality_bar_at_4_steps(toy):
+    backend, evaluator = toy
+    images, attrs = sample_world(64, seed=31_337)
+    prompts = [captions(a)[i % 3] for i, a in enumerate(attrs)]
+    out = sample(backend, backend.transformer, prompts, list(range(64)), 4, 32)
+    scores = evaluator.score(out, targets=attrs)
+    assert scores["acc_mean"] >= QUALITY_BAR["acc_mean"], scores
+    assert scores["sharpness_ratio"] >= QUALITY_BAR["sharpness_ratio"], scores
+
+
+def test_shipped_turbo_copies_the_reference_image_in_context(toy):
+    """The teacher path: with the image as context and no text, the turbo redraws the reference (colour,
+    size, position, background and named texture come from the image alone)."""
+    backend, evaluator = toy
+    pixels, attrs = sample_world(64, seed=31_338)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    out = sample(backend, backend.transformer, [""] * 64, list(range(64)), 4, 32, images=images)
+    acc = evaluator.attribute_accuracy(out, attrs)
+    assert acc["mean"] >= QUALITY_BAR["image_only_acc"], acc
+    for name in ("color", "background", "position", "texture"):
+        assert acc[name] >= 0.9, acc
+
+
+@pytest.mark.xfail(strict=True, reason="known limit of the shipped toy base: its teacher redraws the unseen "
+                   "checkered texture as dots (it generalises in-context copying to new textures only weakly)")
+def test_shipped_turbo_renders_the_unseen_texture_in_context(toy):
+    backend, evaluator = toy
+    pixels, attrs = concept_samples(32, seed=4242)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    prompts = [captions(a, PLACEHOLDER)[i % 3] for i, a in enumerate(attrs)]
+    teacher = sample(backend, backend.transformer, prompts, list(range(32)), 4, 32, images=images)
+    assert evaluator.attribute_accuracy(teacher, attrs)["texture"] >= 0.5
+
+
+def test_comparison_smoke_run_writes_its_table(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_world.py"), "--smoke", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| SFT |" in table and "| D-OPSD |" in table and "| base (untuned) |" in table
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["report"]) == {"sft", "dopsd"}
+    for method in ("sft", "dopsd"):
+        assert 0.0 <= results["report"][method]["few"]["concept_texture"][0] <= 1.0
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "out" / "grid_concept_4steps.png").stat().st_size > 0
