@@ -16,7 +16,9 @@ a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `che
    an unnamed texture, which no caption can name. That is the in-context skill D-OPSD's teacher needs:
    prompt + target image -> the target's look, including what the text has no word for. (A first version
    without unnamed textures learned to map any texture in the image onto the three named ones: its teacher
-   rendered the held-out texture 0% of the time.)
+   rendered the held-out texture 0% of the time; this one 1.6%. An extra 2000-step phase weighted towards
+   image context, `incontext_steps=2000`, left it at 0% of 32 samples: the in-context skill does not
+   generalise to the new texture at this size and budget -- see README, "The miniature world".)
 3. **Step distillation** to K = 4 Euler steps by trajectory regression: the pretrained model integrates its
    ODE with many Euler steps from fixed noise; the student (initialised from it) learns, at each of the
    4-step schedule's states on that trajectory, the velocity whose Euler step lands on the next state.
