@@ -109,18 +109,16 @@ class Scorer:
         return t.eval()
 
     def images(self, transformer, prompts: list[str], steps: int):
-        from dopsd.world.toybase import sample
+        from dopsd.sampling import sample_batch
 
-        return sample(self.backend, transformer, prompts, list(range(len(prompts))), steps, self.size)
+        return sample_batch(self.backend, transformer, prompts, list(range(len(prompts))), steps, self.size)
 
-    def score(self, lora: Path | None, sets: dict, steps: int) -> dict:
-        t = self.transformer(lora)
+    def score(self, transformer, sets: dict, steps: int) -> dict:
         ev = self.evaluator
         concept_prompts, concept_attrs = sets["concept"]
         old_prompts, old_attrs = sets["retention"]
-        concept = ev.attribute_accuracy(self.images(t, concept_prompts, steps), concept_attrs)
-        old_images = self.images(t, old_prompts, steps)
-        old = ev.score(old_images, targets=old_attrs, reference=self.reference)
+        concept = ev.attribute_accuracy(self.images(transformer, concept_prompts, steps), concept_attrs)
+        old = ev.score(self.images(transformer, old_prompts, steps), targets=old_attrs, reference=self.reference)
         return {"concept_texture": concept["texture"], "concept_attrs": concept["mean"],
                 "retention_acc": old["acc_mean"], "fd": old["fd"], "sharpness": old["sharpness_ratio"]}
 
@@ -165,12 +163,13 @@ def evaluate_run(scorer: Scorer, p: Protocol, run_dir: Path, sets: dict, curve: 
         final = step == -1
         if not (curve or final):
             continue
+        transformer = scorer.transformer(lora)  # loaded once per export, scored at every budget
         key = p.steps if final else step
-        result["curve"][key] = scorer.score(lora, sets, p.few_steps)
+        result["curve"][key] = scorer.score(transformer, sets, p.few_steps)
         if final:
             result["few"] = result["curve"][key]
             if curve:
-                result["many"] = scorer.score(lora, sets, p.many_steps)
+                result["many"] = scorer.score(transformer, sets, p.many_steps)
     return result
 
 
@@ -234,8 +233,7 @@ def plot(p: Protocol, results: dict, out: Path) -> Path:
         for m, name in METHODS.items():
             runs = results["report"][m]["runs"]
             steps = sorted(int(s) for s in runs[0]["curve"])
-            vals = np.array([[r["curve"][s][metric] if s in r["curve"] else r["curve"][str(s)][metric]
-                              for s in steps] for r in runs])
+            vals = np.array([[r["curve"][s][metric] for s in steps] for r in runs])
             steps = [0] + steps
             vals = np.concatenate([np.full((len(runs), 1), base), vals], axis=1)
             ax.plot(steps, vals.mean(0), marker="o", label=name)
@@ -253,7 +251,7 @@ def plot(p: Protocol, results: dict, out: Path) -> Path:
 
 
 def grids(scorer: Scorer, p: Protocol, results: dict, out: Path) -> list[Path]:
-    from dopsd.sampling import save_grid
+    from dopsd.sampling import sample_batch, save_grid
 
     sets = prompt_sets(p.report_world_seeds, 4, 4)
     loras = {m: results["report"][m]["final_lora"] for m in METHODS}
@@ -265,10 +263,8 @@ def grids(scorer: Scorer, p: Protocol, results: dict, out: Path) -> list[Path]:
         seeds = list(range(cols)) * rows
         blocks = []
         for lora in [None, loras["sft"], loras["dopsd"]]:
-            from dopsd.world.toybase import sample
-
             t = scorer.transformer(Path(lora) if lora else None)
-            blocks.append(sample(scorer.backend, t, many, seeds, steps, scorer.size))
+            blocks.append(sample_batch(scorer.backend, t, many, seeds, steps, scorer.size))
         path = save_grid(blocks, rows, out / f"grid_{which}_{steps}steps.png")
         (out / f"grid_{which}_{steps}steps.txt").write_text(
             "columns: base | SFT | D-OPSD (4 noise seeds each); rows:\n" + "\n".join(prompts) + "\n")
@@ -296,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     scorer = Scorer(p)
     sweep_sets = prompt_sets(p.sweep_world_seeds, p.concept_prompts, p.retention_prompts)
     report_sets = prompt_sets(p.report_world_seeds, p.concept_prompts, p.retention_prompts)
-    results: dict = {"protocol": asdict(p), "base": {"few": scorer.score(None, report_sets, p.few_steps),
-                                                    "many": scorer.score(None, report_sets, p.many_steps)},
+    base = scorer.transformer(None)
+    results: dict = {"protocol": asdict(p), "base": {"few": scorer.score(base, report_sets, p.few_steps),
+                                                    "many": scorer.score(base, report_sets, p.many_steps)},
                      "sweep": {}, "chosen_lr": {}, "report": {}, "train_seconds": {}}
     print("base:", json.dumps(results["base"]), flush=True)
     for method in METHODS:

@@ -43,6 +43,22 @@ def generate(backend: Any, transformer: torch.nn.Module, prompts: list[str], see
     return torch.cat(images)
 
 
+@torch.no_grad()
+def sample_batch(backend: Any, transformer: torch.nn.Module, prompts: list[str], seeds: list[int], num_steps: int,
+                 size: int, images: torch.Tensor | None = None, batch: int = 64) -> torch.Tensor:
+    """Square `size` images in [0, 1], image i from prompt i and noise seed i, `batch` at a time (evaluations);
+    with `images`, the teacher context (prompt + that image) instead of the student's."""
+    shape = backend.latent_shape(1, size, size)
+    sigmas = backend.sigmas(num_steps, shape)
+    out = []
+    for start in range(0, len(prompts), batch):
+        sl = slice(start, start + batch)
+        ctx = backend.encode_student(prompts[sl]) if images is None else backend.encode_teacher(prompts[sl], images[sl])
+        noise = torch.cat([seeded_noise(shape, seed) for seed in seeds[sl]]).to(backend.device)
+        out.append(backend.decode_latents(rollout(backend, transformer, ctx, noise, sigmas)).cpu())
+    return torch.cat(out)
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array)

@@ -12,7 +12,8 @@ from dopsd.config import ModelConfig
 from dopsd.models import load_backend
 from dopsd.world import PLACEHOLDER, captions, concept_samples, sample_world
 from dopsd.world.evaluator import load_evaluator
-from dopsd.world.toybase import QUALITY_BAR, ToyBaseSettings, make_toy_base, sample, strip_texture
+from dopsd.sampling import sample_batch as sample
+from dopsd.world.toybase import QUALITY_BAR, ToyBaseSettings, make_toy_base, strip_texture
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "dopsd" / "assets"

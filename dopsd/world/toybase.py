@@ -38,13 +38,14 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..sampling import sample_batch as sample
 from .generator import TEXTURES, VOCAB, captions, sample_world
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,6 @@ class ToyBaseSettings:
 class Stage:
     seconds: float = 0.0
     final_loss: float = float("nan")
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -213,23 +213,6 @@ def make_pool(s: "ToyBaseSettings") -> Pool:
     images = _to_float(np.concatenate([raw, raw_u]))
     caption_sets = [captions(a) for a in attrs] + [[strip_texture(c) for c in captions(a)] for a in attrs_u]
     return Pool(images, caption_sets, s.num_images)
-
-
-@torch.no_grad()
-def sample(backend, transformer, prompts: list[str], seeds: list[int], num_steps: int, size: int,
-           images: torch.Tensor | None = None, batch: int = 64) -> torch.Tensor:
-    """Batched Euler sampling: image i from prompt i and noise seed i (with `images`, the teacher context)."""
-    from ..sampling import rollout, seeded_noise
-
-    shape = backend.latent_shape(1, size, size)
-    sigmas = backend.sigmas(num_steps, shape)
-    out = []
-    for start in range(0, len(prompts), batch):
-        sl = slice(start, start + batch)
-        ctx = backend.encode_student(prompts[sl]) if images is None else backend.encode_teacher(prompts[sl], images[sl])
-        noise = torch.cat([seeded_noise(shape, seed) for seed in seeds[sl]])
-        out.append(backend.decode_latents(rollout(backend, transformer, ctx, noise, sigmas)))
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------- stages
