@@ -168,13 +168,21 @@ def test_unnamed_textures_are_deterministic_and_never_a_named_one():
     a, attrs_a = sample_unnamed_textures(12, seed=5)
     b, _ = sample_unnamed_textures(12, seed=5)
     assert np.array_equal(a, b) and all(x.texture == "plain" for x in attrs_a)
-    named = _named_tiles()
-    checker = _texture_mask("checkered", 32)[:4, :4]
-    assert checker.tobytes() in named  # the held-out concept is excluded, at every shift
-    rng = random.Random(0)
-    for _ in range(200):
-        tile = random_tile(rng)
-        assert tile.tobytes() not in named and 4 <= tile.sum() <= 12
+    from dopsd.world.generator import UNNAMED_FAMILIES
+
+    for period, cell in UNNAMED_FAMILIES.values():
+        named = _named_tiles(period)
+        checker = _texture_mask("checkered", 32)[:period, :period]
+        assert checker.tobytes() in named and np.roll(checker, 1, axis=1).tobytes() in named  # every shift
+        rng = random.Random(0)
+        tiles = {random_tile(rng, period, cell).tobytes() for _ in range(200)}
+        assert len(tiles) > 190  # a wide family: copying one is a skill, not a memory
+        for t in tiles:
+            tile = np.frombuffer(t, bool).reshape(period, period)
+            assert t not in named and period ** 2 // 4 <= tile.sum() <= 3 * period ** 2 // 4
+            assert np.array_equal(tile[::cell, ::cell].repeat(cell, 0).repeat(cell, 1), tile)  # cells
+    mixed, _ = sample_unnamed_textures(4, seed=5, families=("4x1", "8x2"))
+    assert np.array_equal(mixed, sample_unnamed_textures(4, seed=5, families=("4x1", "8x2"))[0])
     # the unnamed texture shows inside the shape: not the plain rendering of the same attributes
     assert not np.array_equal(a[0], render(attrs_a[0]))
 

@@ -36,7 +36,7 @@ def test_strip_texture_removes_every_texture_phrase():
 
 
 def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
-    tiny = dict(num_images=64, vae_steps=3, vae_batch=8, pretrain_steps=3, batch=8, trajectories=16,
+    tiny = dict(num_images=64, num_unnamed=32, vae_steps=3, vae_batch=8, pretrain_steps=3, batch=8, trajectories=16,
                 teacher_steps=8, distill_steps=2, dit_dim=64, dit_layers=1)
     work = tmp_path / "work"
     first = make_toy_base(tmp_path / "a", ToyBaseSettings(**tiny), work=work)
@@ -53,6 +53,40 @@ def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
     # the teacher path (grafted Qwen3-VL front-end) loads from the saved teacher_encoder/ too
     ctx = backend.encode_teacher([""], images)
     assert len(ctx) == 1 and ctx[0].shape[-1] == backend.transformer.config.cap_feat_dim
+
+
+def test_image_token_span_points_at_the_reference_image_tokens():
+    """The auxiliary reconstruction head reads the teacher context's image tokens: the span must start right
+    after the (image-independent) template prefix and hold one token per merged patch."""
+    from dopsd.models.zimage_tiny import build_tiny_components
+    from dopsd.world.toybase import build_backend, image_token_span, world_corpus
+
+    s = ToyBaseSettings(dit_dim=64, dit_layers=1)
+    c = build_tiny_components(0, dit_dim=64, dit_layers=1, text_hidden=s.text_hidden, vae_channels=s.vae_channels,
+                              vae_groups=s.vae_groups, latent_channels=s.latent_channels,
+                              teacher_patch=s.teacher_patch, vision_hidden=s.vision_hidden,
+                              tokenizer_corpus=world_corpus())
+    backend = build_backend(c, s, trainable=False)
+    start, count = image_token_span(backend, s.size)
+    assert count == (2 * s.size // (s.teacher_patch * 2)) ** 2
+    pixels, _ = sample_world(2, seed=5)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        a, b = (backend.teacher_features(["a red circle"], x[None])[0] for x in images)
+    assert torch.equal(a[:start], b[:start])  # the causal prefix does not see the image
+    assert not torch.allclose(a[start], b[start])  # the first image token does
+
+
+def test_script_options_for_in_context_experiments(tmp_path):
+    """Opt-in knobs: both unnamed-texture families, and the auxiliary patch-reconstruction loss."""
+    tiny = dict(num_images=48, num_unnamed=16, unnamed_textures="4x1,8x2", aux_weight=1.0, vae_steps=2,
+                vae_batch=8, pretrain_steps=3, batch=8, trajectories=8, teacher_steps=4, distill_steps=1, dit_dim=64,
+                dit_layers=1)
+    report = make_toy_base(tmp_path / "m", ToyBaseSettings(**tiny))
+    without = make_toy_base(tmp_path / "n", ToyBaseSettings(**{**tiny, "aux_weight": 0.0}))
+    # the reconstruction term is in the optimised loss (untrained, it dwarfs 3 steps' flow-loss drift)
+    assert report["stages"]["pretrain"]["final_loss"] > without["stages"]["pretrain"]["final_loss"] + 0.01
+    assert _backend(tmp_path / "m").transformer.config.dim == 64
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ texture's name, for tuning experiments; the base world never contains the concep
 """
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -183,15 +184,18 @@ def _texture_mask(texture: str, size: int) -> np.ndarray:
 
 
 def _tile_mask(tile: np.ndarray, size: int) -> np.ndarray:
-    p = max(2, round(_TEXTURE_PERIOD * size / 32))
-    scale = p // tile.shape[0]
+    """Boolean (size, size) mask repeating `tile`, which is given in the pixels of a 32-pixel image (scaled up
+    for larger images) and anchored at the image's corner."""
+    scale = max(1, round(size / 32))
     cell = np.kron(tile.astype(bool), np.ones((scale, scale), bool)) if scale > 1 else tile.astype(bool)
-    reps = -(-size // cell.shape[0])
+    reps = -(-size // min(cell.shape))
     return np.tile(cell, (reps, reps))[:size, :size]
 
 
-def _named_tiles(period: int = _TEXTURE_PERIOD) -> set[bytes]:
-    """Every cyclic shift (and inverse) of the named textures' tiles: what an unnamed tile must not be."""
+@functools.lru_cache(maxsize=None)
+def _named_tiles(period: int = _TEXTURE_PERIOD) -> frozenset[bytes]:
+    """Every cyclic shift (and inverse) of the named textures' tiles at `period` (a multiple of theirs): what
+    an unnamed tile must not be."""
     out = set()
     for texture in TEXTURES:
         tile = _texture_mask(texture, 32)[:period, :period]
@@ -199,16 +203,24 @@ def _named_tiles(period: int = _TEXTURE_PERIOD) -> set[bytes]:
             for dx in range(period):
                 t = np.roll(tile, (dy, dx), axis=(0, 1))
                 out.update({t.tobytes(), (~t).tobytes()})
-    return out
+    return frozenset(out)
 
 
-def random_tile(rng: random.Random, period: int = _TEXTURE_PERIOD) -> np.ndarray:
-    """A random `period` x `period` binary texture tile that is none of the named textures (the held-out
-    concept included) under any shift or inversion, with 4..12 of 16 cells marked."""
+# Unnamed texture families as (period, cell) in pixels: 4-pixel tiles of single pixels (the named textures'
+# period: every DiT token sees a whole tile; what the shipped toy base was pretrained on) and 8-pixel tiles
+# of 2x2-pixel cells (the named textures' mark size, which the VAE resolves better). Both hold 2^16 tiles.
+UNNAMED_FAMILIES = {"4x1": (4, 1), "8x2": (8, 2)}
+
+
+def random_tile(rng: random.Random, period: int = _TEXTURE_PERIOD, cell: int = 1) -> np.ndarray:
+    """A random `period` x `period` binary texture tile of `cell` x `cell` blocks that is none of the named
+    textures (the held-out concept included) under any shift or inversion, with 1/4..3/4 of its cells marked."""
     named = _named_tiles(period)
+    n = period // cell
     while True:
-        tile = np.array([rng.random() < 0.5 for _ in range(period * period)]).reshape(period, period)
-        if period * period // 4 <= tile.sum() <= 3 * period * period // 4 and tile.tobytes() not in named:
+        bits = np.array([rng.random() < 0.5 for _ in range(n * n)]).reshape(n, n)
+        tile = np.kron(bits, np.ones((cell, cell), bool))
+        if n * n // 4 <= bits.sum() <= 3 * n * n // 4 and tile.tobytes() not in named:
             return tile
 
 
@@ -297,14 +309,16 @@ def sample_world(count: int, seed: int, size: int = 32, only: Mapping | None = N
     return images, attrs
 
 
-def sample_unnamed_textures(count: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[Attributes]]:
-    """Images whose texture is a random unnamed tile (`random_tile`); their attributes say "plain" for the
-    texture, which their captions must therefore not state. A base model shown these with the image as
-    context learns to copy a texture it has no word for -- the in-context skill D-OPSD's teacher relies on
-    -- without ever seeing the held-out concept."""
+def sample_unnamed_textures(count: int, seed: int, size: int = 32, families: Iterable[str] = ("4x1",)
+                            ) -> tuple[np.ndarray, list[Attributes]]:
+    """Images whose texture is a random unnamed tile (`random_tile`, of the `UNNAMED_FAMILIES` named, in
+    turn); their attributes say "plain" for the texture, which their captions must therefore not state. A base
+    model shown these with the image as context is to learn to copy a texture it has no word for -- the
+    in-context skill D-OPSD's teacher relies on -- without ever seeing the held-out concept."""
+    shapes = [UNNAMED_FAMILIES[f] for f in families]
     rng = random.Random(f"dopsd-unnamed:{seed}")
     attrs = [sample_attributes(rng, textures=("plain",)) for _ in range(count)]
-    images = [render(a, size, tile=random_tile(rng)) for a in attrs]
+    images = [render(a, size, tile=random_tile(rng, *shapes[i % len(shapes)])) for i, a in enumerate(attrs)]
     return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)), attrs
 
 

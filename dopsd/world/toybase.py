@@ -16,17 +16,30 @@ a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `che
    an unnamed texture, which no caption can name. That is the in-context skill D-OPSD's teacher needs:
    prompt + target image -> the target's look, including what the text has no word for. (A first version
    without unnamed textures learned to map any texture in the image onto the three named ones: its teacher
-   rendered the held-out texture 0% of the time; this one 1.6%. An extra 2000-step phase weighted towards
-   image context, `incontext_steps=2000`, left it at 0% of 32 samples: the in-context skill does not
-   generalise to the new texture at this size and budget -- see README, "The miniature world".)
+   rendered the held-out texture 0% of the time; this one 1.6%.) What did *not* help, from this checkpoint's
+   stage cache, 1500-2000 further steps weighted to image context each: `incontext_steps=2000` (0/32 samples
+   checkered); unnamed tiles of 2x2-pixel cells (`unnamed_textures=8x2`: the VAE reconstructs those at 0.9-1.0
+   texture agreement, the default 1-pixel tiles at 0.75-0.8); and that plus `aux_weight=5`, a head making
+   each image token reconstruct its pixels (a linear probe read only 85% of a tile's bits from the context
+   before; the head fits the pixels to 0.006 MSE). In all three the teacher's texture agreement with an
+   unseen reference stayed where it was -- ~0.59 for new tiles and ~0.69 for checkered, where a plain shape
+   scores 0.49-0.50 and a perfect copy 1.0: the context carries the
+   texture, but the 96-wide 4-layer DiT does not learn to copy it at this budget (its shapes are blobs too).
+   See README, "The miniature world".
 3. **Step distillation** to K = 4 Euler steps by trajectory regression: the pretrained model integrates its
    ODE with many Euler steps from fixed noise; the student (initialised from it) learns, at each of the
    4-step schedule's states on that trajectory, the velocity whose Euler step lands on the next state.
    Both conditioning kinds are distilled, so the turbo model's teacher mode also works at 4 steps.
 
 Everything is a function of `ToyBaseSettings` (seeded generators, a fixed thread count); rerunning with the
-same settings, torch build and thread count reproduces the weights. `report.json` in the output records the
-settings, the time of each stage and the evaluator's scores of the base (many steps) and turbo (4 steps).
+same settings, torch build and thread count reproduces the weights (the defaults reproduce the shipped
+dopsd/assets/toy_turbo). `report.json` in the output records the settings, the time of each stage and the
+evaluator's scores of the base (many steps) and turbo (4 steps).
+
+`--set device=cuda` runs stages 2-3 on a GPU (noise still drawn on the CPU; deterministic algorithms on).
+It ran end to end on an H100 (a 128-wide 6-layer DiT, batch 256), but at 1.06 s per pretraining step and
+0.9 s per distillation step: not profiled there; the likely cost is the per-sample Python around a network
+this small (PIL preprocessing of each reference image, tokenisation), which a GPU build would batch first.
 """
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -76,6 +90,7 @@ QUALITY_BAR = {"acc_mean": 0.85, "sharpness_ratio": 0.5, "image_only_acc": 0.85}
 class ToyBaseSettings:
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"               # where stages 2-3 run (the VAE stage always runs on the CPU)
     size: int = 32
     # network sizes (see zimage_tiny.build_tiny_components)
     dit_dim: int = 96
@@ -89,6 +104,7 @@ class ToyBaseSettings:
     shift: float = 3.0                # Z-Image-Turbo's schedule: 4 steps = 1, .9, .75, .5 -> 0
     num_images: int = 8192
     num_unnamed: int = 4096           # images of random unnamed textures (image-context samples only)
+    unnamed_textures: str = "4x1"     # their tile families (generator.UNNAMED_FAMILIES), e.g. "4x1,8x2"
     # stage 1
     vae_steps: int = 1500
     vae_lr: float = 2e-3
@@ -100,6 +116,7 @@ class ToyBaseSettings:
     batch: int = 32
     p_image: float = 0.5              # share of samples conditioned on image (+ text variant)
     p_unnamed: float = 0.5            # share of those that show an unnamed texture
+    aux_weight: float = 0.0           # > 0: image tokens also reconstruct their pixels (`PatchReconstruction`)
     # stage 2b: more pretraining with image-context samples (unnamed textures above all) weighted up
     incontext_steps: int = 0
     incontext_lr: float = 5e-4
@@ -146,7 +163,7 @@ def build_backend(components: dict, settings: ToyBaseSettings, trainable: bool):
 
     c = components
     backend = ZImageBackend(c["transformer"], c["vae"], c["text_encoder"], c["tokenizer"],
-                            dict(c["scheduler"].config), Path("."), torch.device("cpu"),
+                            dict(c["scheduler"].config), Path("."), torch.device(settings.device),
                             teacher_min_pixels=settings.teacher_pixels, teacher_max_pixels=settings.teacher_pixels)
     vl = c["teacher_encoder"]
     if not getattr(vl, "_dopsd_grafted", False):
@@ -209,7 +226,8 @@ def make_pool(s: "ToyBaseSettings") -> Pool:
     from .generator import sample_unnamed_textures
 
     raw, attrs = sample_world(s.num_images, seed=s.seed, size=s.size)
-    raw_u, attrs_u = sample_unnamed_textures(s.num_unnamed, seed=s.seed, size=s.size)
+    raw_u, attrs_u = sample_unnamed_textures(s.num_unnamed, seed=s.seed, size=s.size,
+                                             families=s.unnamed_textures.split(","))
     images = _to_float(np.concatenate([raw, raw_u]))
     caption_sets = [captions(a) for a in attrs] + [[strip_texture(c) for c in captions(a)] for a in attrs_u]
     return Pool(images, caption_sets, s.num_images)
@@ -260,8 +278,47 @@ def make_deterministic(vae) -> None:
 
 @torch.no_grad()
 def latent_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dists = [vae.encode(images[i:i + 256] * 2 - 1).latent_dist for i in range(0, len(images), 256)]
+    dists = [vae.encode(images[i:i + 256].to(vae.device) * 2 - 1).latent_dist for i in range(0, len(images), 256)]
     return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+
+
+def image_token_span(backend, size: int) -> tuple[int, int]:
+    """Where a reference image's tokens sit in a teacher context (`teacher_features` output): the chat
+    template puts the image first, so they start after a fixed prefix; checked against the tokenizer."""
+    from PIL import Image
+
+    _, tok, processor = backend._load_teacher_encoder()
+    min_px, max_px = backend.teacher_pixels
+    thw = processor(images=[Image.new("RGB", (size, size))], size={"shortest_edge": min_px, "longest_edge": max_px},
+                    return_tensors="pt")["image_grid_thw"][0]
+    count = int(thw.prod()) // processor.merge_size ** 2
+    start = len(tok("<|im_start|>user\n<|vision_start|>").input_ids)
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * count, 1)).input_ids
+    if ids[start:start + count] != [tok.convert_tokens_to_ids("<|image_pad|>")] * count:
+        raise RuntimeError("unexpected teacher chat template: the image tokens are not where expected")
+    return start, count
+
+
+class PatchReconstruction(torch.nn.Module):
+    """Auxiliary head: each image token of the teacher context predicts the pixels of its image patch.
+
+    Trained with the encoders during pretraining only (not saved). The flow-matching loss alone rewards fine
+    texture in the context features too weakly for the DiT to learn to copy it (a linear probe read only 85%
+    of an unnamed tile's bits back), so this keeps that detail in the tokens the DiT reads."""
+
+    def __init__(self, hidden: int, size: int, tokens: int):
+        super().__init__()
+        self.grid = math.isqrt(tokens)
+        self.patch = size // self.grid
+        self.proj = torch.nn.Linear(hidden, 3 * self.patch ** 2)
+
+    def loss(self, features: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """features (n, tokens, hidden) in raster order of the merged patches; pixels (n, 3, size, size)."""
+        p, n = self.patch, len(pixels)
+        target = pixels.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(n, self.grid ** 2, -1)
+        return F.mse_loss(self.proj(features), target)
 
 
 def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=None, phase: int = 0) -> Stage:
@@ -269,11 +326,17 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
     vl = components["teacher_encoder"]
     params = (list(transformer.parameters()) + list(components["text_encoder"].parameters())
               + list(vl.model.visual.parameters()))
+    head = None
+    if s.aux_weight:
+        span = image_token_span(backend, s.size)
+        head = PatchReconstruction(s.text_hidden, s.size, span[1]).to(backend.device)
+        params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=s.pretrain_lr, weight_decay=0.01)
     sched = _cosine_lr(opt, s.pretrain_steps, warmup=200)
     gen = torch.Generator().manual_seed(s.seed + 2 + 10 * phase)
     rng = random.Random(s.seed + 2 + 10 * phase)
     transformer.train()
+    dev = backend.device
     t0 = time.time()
     mean, std = latent_moments(backend.vae, pool.images)  # the VAE is frozen: encode once, sample per step
     ema = None
@@ -283,13 +346,20 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
         pixels = pool.images[idx]
         ctx = contexts(backend, prompts, pixels, use_image, grad=True)
         cfg = backend.vae.config
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - cfg.shift_factor) * cfg.scaling_factor
-        noise = torch.randn(x0.shape, generator=gen)
+        m, sd = mean[idx.to(dev)], std[idx.to(dev)]
+        # noise is drawn on the CPU (the same stream on every device), then moved
+        x0 = (m + sd * torch.randn(m.shape, generator=gen).to(dev) - cfg.shift_factor) * cfg.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
         u = torch.sigmoid(torch.randn(s.batch, generator=gen))  # logit-normal, then the schedule's shift
-        sig = (s.shift * u / (1 + (s.shift - 1) * u)).view(-1, 1, 1, 1)
+        sig = (s.shift * u / (1 + (s.shift - 1) * u)).view(-1, 1, 1, 1).to(dev)
         x = (1 - sig) * x0 + sig * noise
         v = backend.velocity(transformer, x, sig.flatten(), ctx)
         loss = F.mse_loss(v, noise - x0)
+        with_image = [i for i, u_ in enumerate(use_image) if u_]
+        if head is not None and with_image:
+            start, count = span
+            features = torch.stack([ctx[i][start:start + count] for i in with_image])
+            loss = loss + s.aux_weight * head.loss(features, pixels[with_image].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -323,12 +393,12 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
     for start in range(0, s.trajectories, 128):
         sl = slice(start, start + 128)
         ctx = contexts(backend, prompts[sl], pool.images[idx[sl]], use_image[sl], grad=False)
-        x = noise[sl].clone()
-        states[sl, 0] = x
+        x = noise[sl].to(backend.device)
+        states[sl, 0] = noise[sl]
         for k in range(s.teacher_steps):
             x = euler_step(x, backend.velocity(backend.transformer, x, fine[k], ctx), fine[k], fine[k + 1])
             if (k + 1) % every == 0:
-                states[sl, (k + 1) // every] = x
+                states[sl, (k + 1) // every] = x.cpu()
     return {"idx": idx, "prompts": prompts, "use_image": use_image, "states": states}
 
 
@@ -349,9 +419,10 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
             ctx = contexts(backend, [trajectories["prompts"][i] for i in j.tolist()],
                            pool.images[trajectories["idx"][j]], [trajectories["use_image"][i] for i in j.tolist()],
                            grad=False)
-        sig = torch.tensor([coarse[i] for i in k.tolist()])
-        sig_next = torch.tensor([coarse[i + 1] for i in k.tolist()])
-        x, x_next = states[j, k], states[j, k + 1]
+        dev = backend.device
+        sig = torch.tensor([coarse[i] for i in k.tolist()], device=dev)
+        sig_next = torch.tensor([coarse[i + 1] for i in k.tolist()], device=dev)
+        x, x_next = states[j, k].to(dev), states[j, k + 1].to(dev)
         target = (x_next - x) / (sig_next - sig).view(-1, 1, 1, 1)
         v = backend.velocity(transformer, x, sig, ctx)
         # x0-space weighting (as D-OPSD's loss): errors matter in proportion to the step they move.
@@ -397,11 +468,13 @@ def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
 # ------------------------------------------------------------------------------------------------- main
 
 # Settings each stage's result does not depend on (everything else keys its cache entry).
-_LATER = {
-    "vae": ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed", "p_unnamed", "pretrain_steps", "pretrain_lr", "batch", "p_image", "trajectories", "teacher_steps", "turbo_steps",
-            "distill_steps", "distill_lr", "eval_count"),
-    "incontext": ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count"),
-    "pretrain": ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed", "trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count"),
+_DISTILL = ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count")
+_INCONTEXT = ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed")
+_LATER = {  # the VAE stage always runs on the CPU
+    "vae": _DISTILL + _INCONTEXT + ("device", "p_unnamed", "pretrain_steps", "pretrain_lr", "batch", "p_image",
+                                    "aux_weight"),
+    "incontext": _DISTILL,
+    "pretrain": _DISTILL + _INCONTEXT,
 }
 
 
@@ -436,7 +509,7 @@ def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, ru
     info = asdict(run())
     if path is not None:
         work.mkdir(parents=True, exist_ok=True)
-        state = {f"{name}.{k}": v.detach().contiguous() for name, module in modules.items()
+        state = {f"{name}.{k}": v.detach().cpu().contiguous() for name, module in modules.items()
                  for k, v in module.state_dict().items()}
         meta = dict(info)
         if stage == "vae":
@@ -452,6 +525,9 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
     s = settings
     work = Path(work) if work else None
     torch.set_num_threads(s.threads)
+    if s.device.startswith("cuda"):  # reproducible on the same GPU model and software (cuBLAS needs this)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     t_start = time.time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
@@ -467,6 +543,9 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
         report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda: train_vae(c["vae"], pool.images, s))
         c["vae"].eval().requires_grad_(False)
         make_deterministic(c["vae"])
+        for module in c.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(s.device)
         backend = build_backend(c, s, trainable=True)
         monitor = (lambda: in_context(backend, evaluator, s, count=32)) if evaluator is not None else None
         report["stages"]["pretrain"] = _cached_stage(work, "pretrain", s, c,
@@ -495,6 +574,9 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                      report["turbo_4_steps_image_only"], report["turbo_in_context"])
     report["seconds"] = round(time.time() - t_start, 1)
     c["teacher_encoder"].lm_head = c.pop("lm_head")
+    for module in c.values():
+        if isinstance(module, torch.nn.Module):
+            module.to("cpu")
     out = save_zimage_dir(c, out_dir)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
