@@ -24,8 +24,9 @@ a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `che
    before; the head fits the pixels to 0.006 MSE). In all three the teacher's texture agreement with an
    unseen reference stayed where it was -- ~0.59 for new tiles and ~0.69 for checkered, where a plain shape
    scores 0.49-0.50 and a perfect copy 1.0: the context carries the
-   texture, but the 96-wide 4-layer DiT does not learn to copy it at this budget (its shapes are blobs too).
-   See README, "The miniature world".
+   texture, but the 96-wide 4-layer DiT does not learn to copy it at this budget (its shapes are blobs too;
+   trained from scratch on copying alone for 2500 steps, it copies colour, position and background, not
+   shape outlines or textures). See README, "The miniature world".
 3. **Step distillation** to K = 4 Euler steps by trajectory regression: the pretrained model integrates its
    ODE with many Euler steps from fixed noise; the student (initialised from it) learns, at each of the
    4-step schedule's states on that trajectory, the velocity whose Euler step lands on the next state.
