@@ -39,8 +39,9 @@ evaluator's scores of the base (many steps) and turbo (4 steps).
 
 `--set device=cuda` runs stages 2-3 on a GPU (noise still drawn on the CPU; deterministic algorithms on).
 It ran end to end on an H100 (a 128-wide 6-layer DiT, batch 256), but at 1.06 s per pretraining step and
-0.9 s per distillation step: not profiled there; the likely cost is the per-sample Python around a network
-this small (PIL preprocessing of each reference image, tokenisation), which a GPU build would batch first.
+0.9 s per distillation step. Not profiled there; a likely cause, from reading transformers' Qwen3-VL code:
+without flash-attention its vision attention runs one attention call per image (and a host sync per layer),
+i.e. ~128 tiny calls per layer per step here, beside per-image PIL preprocessing -- batch those first.
 """
 from __future__ import annotations
 
