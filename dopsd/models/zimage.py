@@ -44,6 +44,19 @@ def graft_language_model(vl_model: nn.Module, text_encoder: nn.Module) -> None:
     vl_model.lm_head = nn.Identity()
 
 
+IMAGE_PAD = "<|image_pad|>"
+
+
+def teacher_text(tokenizer, prompt: str, image_tokens: int) -> str:
+    """The teacher's chat text: one user turn, the target image first (as `image_tokens` pad tokens), then the
+    prompt. (The processor class needs torchvision for its video half; expanding the image placeholder to
+    t*h*w / merge^2 tokens is all it would do for an image.)"""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        tokenize=False, add_generation_prompt=True)
+    return text.replace(IMAGE_PAD, IMAGE_PAD * image_tokens, 1)
+
+
 class ZImageBackend(DiffusersIO):
     pipeline_name = "ZImagePipeline"
     kernel_patch = "patch_zimage"
@@ -174,15 +187,7 @@ class ZImageBackend(DiffusersIO):
                            size={"shortest_edge": min_px, "longest_edge": max_px}, return_tensors="pt")
         grid = vision["image_grid_thw"]
         merge = getattr(processor, "merge_size", 2)
-        image_pad = "<|image_pad|>"
-        texts = []
-        for prompt, thw in zip(prompts, grid):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-                tokenize=False, add_generation_prompt=True)
-            # The processor class needs torchvision for its video half; expanding the image placeholder to
-            # t*h*w / merge^2 tokens is all it would do for an image.
-            texts.append(text.replace(image_pad, image_pad * (int(thw.prod()) // merge ** 2), 1))
+        texts = [teacher_text(tokenizer, prompt, int(thw.prod()) // merge ** 2) for prompt, thw in zip(prompts, grid)]
         enc = tokenizer(texts, padding=True, return_tensors="pt")
         ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
         mm_types = (ids == vl.config.image_token_id).long()

@@ -290,16 +290,16 @@ def image_token_span(backend, size: int) -> tuple[int, int]:
     template puts the image first, so they start after a fixed prefix; checked against the tokenizer."""
     from PIL import Image
 
+    from ..models.zimage import IMAGE_PAD, teacher_text
+
     _, tok, processor = backend._load_teacher_encoder()
     min_px, max_px = backend.teacher_pixels
     thw = processor(images=[Image.new("RGB", (size, size))], size={"shortest_edge": min_px, "longest_edge": max_px},
                     return_tensors="pt")["image_grid_thw"][0]
     count = int(thw.prod()) // processor.merge_size ** 2
     start = len(tok("<|im_start|>user\n<|vision_start|>").input_ids)
-    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}],
-                                   tokenize=False, add_generation_prompt=True)
-    ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * count, 1)).input_ids
-    if ids[start:start + count] != [tok.convert_tokens_to_ids("<|image_pad|>")] * count:
+    ids = tok(teacher_text(tok, "", count)).input_ids
+    if ids[start:start + count] != [tok.convert_tokens_to_ids(IMAGE_PAD)] * count:
         raise RuntimeError("unexpected teacher chat template: the image tokens are not where expected")
     return start, count
 
@@ -521,6 +521,12 @@ def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, ru
     return info
 
 
+def _move(components: dict, device: str) -> None:
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+
+
 def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettings(), evaluator=None,
                   work: str | Path | None = None) -> dict:
     from ..models.zimage_tiny import build_tiny_components, save_zimage_dir
@@ -547,9 +553,7 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
         report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda: train_vae(c["vae"], pool.images, s))
         c["vae"].eval().requires_grad_(False)
         make_deterministic(c["vae"])
-        for module in c.values():
-            if isinstance(module, torch.nn.Module):
-                module.to(s.device)
+        _move(c, s.device)
         backend = build_backend(c, s, trainable=True)
         monitor = (lambda: in_context(backend, evaluator, s, count=32)) if evaluator is not None else None
         report["stages"]["pretrain"] = _cached_stage(work, "pretrain", s, c,
@@ -579,9 +583,7 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
     torch.use_deterministic_algorithms(deterministic)
     report["seconds"] = round(time.time() - t_start, 1)
     c["teacher_encoder"].lm_head = c.pop("lm_head")
-    for module in c.values():
-        if isinstance(module, torch.nn.Module):
-            module.to("cpu")
+    _move(c, "cpu")
     out = save_zimage_dir(c, out_dir)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
