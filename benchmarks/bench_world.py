@@ -6,8 +6,13 @@ The base is the shipped toy turbo model (dopsd/assets/toy_turbo: a Z-Image-class
 4 Euler steps, made by `python -m dopsd.world.toybase`). Both methods tune a LoRA on the same six images
 of the held-out `checkered` texture captioned with "[V]" (dopsd/assets/quickstart), through the trainer
 exactly as a user runs it (`dopsd.trainer.Trainer`), with the same step budget, batch, LoRA rank, seed
-and data order. The only knob that differs is `train.objective` (`ema_decay` exists only for D-OPSD's
-teacher; it is the recipe default) and each method's learning rate, picked by the same sweep.
+and data order. The only knob that differs is `train.objective` (`ema_decay` and `model.teacher_context`
+exist only for D-OPSD's teacher; the decay is the recipe default) and each method's learning rate, picked
+by the same sweep. D-OPSD runs twice, once per teacher route of the Z-Image backend: the target image as a
+clean reference in the DiT's sequence (`teacher_context: reference`) and through the Qwen3-VL front-end
+(`vlm`, the recipe's route for Z-Image-Turbo; on the toy it does not render the unseen texture, see the
+README). The reference route was added after the VLM route's runs had been seen; the protocol, data and
+evaluator were not changed.
 
 Protocol (fixed before any result was looked at):
 - sweep: every lr in LRS on seed 0, scored on the *sweep* prompt sets; each method keeps the lr with the
@@ -23,7 +28,7 @@ Protocol (fixed before any result was looked at):
 
 Writes to --out: results.md (table), results.json (every number), curves.png (metrics vs training step,
 mean and range over seeds), grid_concept_4steps.png / grid_retention_4steps.png / grid_concept_32steps.png
-(base | SFT | D-OPSD, seed 1 runs). Nothing is asserted; tests run `--smoke`.
+(base | SFT | D-OPSD | D-OPSD with the VLM teacher, seed 1 runs). Nothing is asserted; tests run `--smoke`.
 """
 from __future__ import annotations
 
@@ -47,7 +52,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 ASSETS = REPO / "dopsd" / "assets"
-METHODS = {"sft": "SFT", "dopsd": "D-OPSD"}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    objective: str
+    teacher_context: str = ""
+
+
+METHODS = {"sft": Method("SFT", "sft"),
+           "dopsd": Method("D-OPSD", "dopsd", "reference"),
+           "dopsd_vlm": Method("D-OPSD, VLM teacher", "dopsd", "vlm")}
 
 
 @dataclass(frozen=True)
@@ -130,9 +146,10 @@ def train(p: Protocol, method: str, lr: float, seed: int, out: Path) -> tuple[Pa
     run_dir = out / f"{method}_lr{lr:g}_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = from_dict({
-        "model": {"backend": "zimage", "path": p.model, "teacher_min_pixels": 4096, "teacher_max_pixels": 4096},
+        "model": {"backend": "zimage", "path": p.model, "teacher_min_pixels": 4096, "teacher_max_pixels": 4096,
+                  "teacher_context": METHODS[method].teacher_context},
         "lora": {"rank": p.rank, "alpha": p.alpha},
-        "train": {"mode": "lora", "objective": method, "steps": p.steps, "batch_size": p.batch_size, "lr": lr,
+        "train": {"mode": "lora", "objective": METHODS[method].objective, "steps": p.steps, "batch_size": p.batch_size, "lr": lr,
                   "rollout_steps": p.few_steps, "seed": seed, "device": "cpu"},
         "data": {"type": "folder", "path": p.data, "resolution": [32, 32]},
         "output": {"dir": str(run_dir), "save_every": p.eval_every, "tensorboard": False,
@@ -196,25 +213,27 @@ def write_table(p: Protocol, results: dict, out: Path, elapsed: float) -> Path:
              f"{p.batch_size}, same data (6 `[V]` = checkered images) and seeds. Mean ± std over seeds "
              f"{list(p.seeds)}; {p.concept_prompts} held-out `[V]` prompts, {p.retention_prompts} old prompts. "
              f"Learning rates chosen by the sweep: " + ", ".join(
-                 f"{METHODS[m]} {results['chosen_lr'][m]:g}" for m in METHODS) + ".", ""]
+                 f"{METHODS[m].name} {results['chosen_lr'][m]:g}" for m in METHODS) + ". D-OPSD's teacher "
+             "sees the target as a clean reference image in the DiT's sequence, unless marked VLM (Qwen3-VL "
+             "features).", ""]
     for budget, label in (("few", f"{p.few_steps} steps (the turbo's budget)"),
                           ("many", f"{p.many_steps} steps")):
         lines += [f"## {label}", "", "| model | " + " | ".join(c for _, c in COLUMNS) + " |",
                   "|---" * (len(COLUMNS) + 1) + "|"]
         lines.append("| base (untuned) | " + " | ".join(fmt(results["base"][budget][k]) for k, _ in COLUMNS) + " |")
-        for m, name in METHODS.items():
+        for m, method in METHODS.items():
             agg = results["report"][m][budget]
-            lines.append(f"| {name} | " + " | ".join(fmt(tuple(agg[k])) for k, _ in COLUMNS) + " |")
+            lines.append(f"| {method.name} | " + " | ".join(fmt(tuple(agg[k])) for k, _ in COLUMNS) + " |")
         lines.append("")
     lines += ["## Learning-rate sweep (seed 0, sweep prompts, 4 steps, last step)", "",
               "| method | lr | concept texture acc | old-prompt attribute acc | selection score |", "|---|---|---|---|---|"]
-    for m, name in METHODS.items():
+    for m, method in METHODS.items():
         for lr, r in results["sweep"][m].items():
-            lines.append(f"| {name} | {lr} | {r['concept_texture']:.3f} | {r['retention_acc']:.3f} | "
+            lines.append(f"| {method.name} | {lr} | {r['concept_texture']:.3f} | {r['retention_acc']:.3f} | "
                          f"{r['concept_texture'] + r['retention_acc']:.3f} |")
     lines += ["", f"Machine: CPU ({platform.machine()}, {os.cpu_count()} cores), torch threads {p.threads}; "
               f"total {elapsed / 60:.1f} min. Mean train wall time per run: " + ", ".join(
-                  f"{METHODS[m]} {results['train_seconds'][m]:.0f} s" for m in METHODS) + ".", ""]
+                  f"{METHODS[m].name} {results['train_seconds'][m]:.0f} s" for m in METHODS) + ".", ""]
     path = out / "results.md"
     path.write_text("\n".join(lines))
     return path
@@ -230,13 +249,13 @@ def plot(p: Protocol, results: dict, out: Path) -> Path:
     for ax, (metric, label) in zip(axes, COLUMNS):
         base = results["base"]["few"][metric]
         ax.axhline(base, color="gray", ls="--", lw=1, label="base")
-        for m, name in METHODS.items():
+        for m, method in METHODS.items():
             runs = results["report"][m]["runs"]
             steps = sorted(int(s) for s in runs[0]["curve"])
             vals = np.array([[r["curve"][s][metric] for s in steps] for r in runs])
             steps = [0] + steps
             vals = np.concatenate([np.full((len(runs), 1), base), vals], axis=1)
-            ax.plot(steps, vals.mean(0), marker="o", label=name)
+            ax.plot(steps, vals.mean(0), marker="o", label=method.name)
             ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("training step")
@@ -262,12 +281,12 @@ def grids(scorer: Scorer, p: Protocol, results: dict, out: Path) -> list[Path]:
         many = [q for q in prompts for _ in range(cols)]
         seeds = list(range(cols)) * rows
         blocks = []
-        for lora in [None, loras["sft"], loras["dopsd"]]:
+        for lora in [None] + [loras[m] for m in METHODS]:
             t = scorer.transformer(Path(lora) if lora else None)
             blocks.append(sample_batch(scorer.backend, t, many, seeds, steps, scorer.size))
         path = save_grid(blocks, rows, out / f"grid_{which}_{steps}steps.png")
         (out / f"grid_{which}_{steps}steps.txt").write_text(
-            "columns: base | SFT | D-OPSD (4 noise seeds each); rows:\n" + "\n".join(prompts) + "\n")
+            "columns: base | " + " | ".join(m.name for m in METHODS.values()) + " (4 noise seeds each); rows:\n" + "\n".join(prompts) + "\n")
         paths.append(path)
     return paths
 

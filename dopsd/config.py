@@ -26,6 +26,11 @@ class ModelConfig:
     path: str = ""
     # Local Qwen3-VL directory whose vision front-end builds the teacher context. Empty: `<path>/teacher_encoder`.
     teacher_encoder_path: str = ""
+    # How the teacher sees the target image. zimage: "vlm" (the recipe: Qwen3-VL features of image + prompt, the
+    # default) or "reference" (the target as a clean image in the DiT's own omni sequence, as Z-Image-Omni/Edit
+    # checkpoints take it; a text-to-image-only checkpoint was never trained for that). flux2_klein: always its
+    # editing branch ("reference"). Empty: the backend's default.
+    teacher_context: str = ""
     # Build the tiny random checkpoint at `path` when it does not exist (quickstart, tests).
     make_tiny_if_missing: bool = False
     tiny_seed: int = 0
@@ -221,6 +226,7 @@ _CHOICES = {
     "model.backend": ("zimage", "flux2_klein"),
     "model.dtype": ("float32", "bfloat16"),
     "model.kernels": ("auto", "always", "never"),
+    "model.teacher_context": ("", "vlm", "reference"),
     "lora.init": ("gaussian", "zeros"),
     "train.mode": ("lora", "full"),
     "train.objective": ("dopsd", "sft"),
@@ -289,6 +295,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.path: required (a local model directory)")
     if not cfg.data.path:
         raise ConfigError("data.path: required")
+    if cfg.model.backend == "flux2_klein" and cfg.model.teacher_context == "vlm":
+        raise ConfigError("model.teacher_context: flux2_klein's teacher sees the target through its editing branch "
+                          "(reference); it has no VLM route")
     if cfg.model.teacher_min_pixels > cfg.model.teacher_max_pixels:
         raise ConfigError("model.teacher_min_pixels: must not exceed model.teacher_max_pixels")
     if cfg.train.mode == "full" and cfg.model.dtype != "float32":

@@ -184,6 +184,8 @@ def encoder_fingerprint(model_cfg, data_cfg) -> str:
         "buckets": resolve_buckets(data_cfg),
         "files": {name: _dir_digests(d) for name, d in encoder_files(model_cfg).items()},
     }
+    if model_cfg.backend == "zimage" and model_cfg.teacher_context == "reference":  # (existing fingerprints stay)
+        settings["teacher_context"] = model_cfg.teacher_context
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +58,19 @@ def teacher_text(tokenizer, prompt: str, image_tokens: int) -> str:
     return text.replace(IMAGE_PAD, IMAGE_PAD * image_tokens, 1)
 
 
+TEACHER_CONTEXTS = ("vlm", "reference")
+
+
+@dataclass
+class ReferenceContext:
+    """Teacher context of `model.teacher_context: reference`: the prompt's text features and the target image's
+    clean latents. `velocity` then runs the DiT's omni sequence (diffusers' Z-Image-Omni/Edit path): the
+    reference is a clean image (t = 1) on the same spatial grid as the noisy one, so the DiT can copy from it
+    token by token, where the VLM route must squeeze the image through the text encoder's tokens."""
+    text: list[torch.Tensor]   # per sample (L_i, D)
+    latents: torch.Tensor      # (B, C, h, w), model space
+
+
 class ZImageBackend(DiffusersIO):
     pipeline_name = "ZImagePipeline"
     kernel_patch = "patch_zimage"
@@ -66,7 +80,10 @@ class ZImageBackend(DiffusersIO):
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict,
                  teacher_encoder_path: Path, device: torch.device, max_text_tokens: int = 512,
                  teacher_max_tokens: int = 1024, teacher_min_pixels: int = 512 * 512,
-                 teacher_max_pixels: int = 768 * 768, text_encoder_loader=None):
+                 teacher_max_pixels: int = 768 * 768, text_encoder_loader=None, teacher_context: str = "vlm"):
+        if teacher_context not in TEACHER_CONTEXTS:
+            raise ValueError(f"model.teacher_context: {teacher_context!r} is not one of {', '.join(TEACHER_CONTEXTS)}")
+        self.teacher_context = teacher_context
         self.transformer = transformer
         self.vae = vae
         # The text encoder may be given as a loader, called on first use: a run whose samples all carry cached
@@ -126,7 +143,7 @@ class ZImageBackend(DiffusersIO):
         teacher_path = Path(cfg.teacher_encoder_path) if cfg.teacher_encoder_path else path / "teacher_encoder"
         backend = cls(transformer, vae, None, tokenizer, scheduler_config, teacher_path, dev,
                       cfg.max_text_tokens, cfg.teacher_max_tokens, cfg.teacher_min_pixels, cfg.teacher_max_pixels,
-                      text_encoder_loader=load_text_encoder)
+                      text_encoder_loader=load_text_encoder, teacher_context=cfg.teacher_context or "vlm")
         backend.new_transformer = new_transformer
         return backend
 
@@ -176,10 +193,14 @@ class ZImageBackend(DiffusersIO):
         refuse_references(self.name, references)
         return self.teacher_features(prompts, images)
 
-    def teacher_features(self, prompts: list[str], images: torch.Tensor) -> list[torch.Tensor]:
+    def teacher_features(self, prompts: list[str], images: torch.Tensor) -> list[torch.Tensor] | ReferenceContext:
         """Qwen3-VL features of one user turn: the target image first, then the prompt; hidden_states[-2].
+        With `teacher_context="reference"`: the prompt's text features and the target's latents instead.
         (`encode_teacher` without no_grad.)"""
         from ..sampling import to_pil
+
+        if self.teacher_context == "reference":
+            return self.reference_features(prompts, images)
 
         vl, tokenizer, processor = self._load_teacher_encoder()
         min_px, max_px = self.teacher_pixels
@@ -195,16 +216,28 @@ class ZImageBackend(DiffusersIO):
                        image_grid_thw=grid.to(self.device), mm_token_type_ids=mm_types, output_hidden_states=True)
         return self._trimmed_hidden(out.hidden_states[-2], mask, self.teacher_max_tokens)
 
+    def reference_features(self, prompts: list[str], images: torch.Tensor) -> ReferenceContext:
+        return ReferenceContext(self.student_features(prompts), self.encode_images(images, mean=True))
+
     # ------------------------------------------------------------------------------------------------
     # The network
 
     def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor,
-                 context: list[torch.Tensor]) -> torch.Tensor:
+                 context: list[torch.Tensor] | ReferenceContext) -> torch.Tensor:
         batch = x.shape[0]
         dtype = transformer.dtype
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(batch)
         latents = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, h, w) per sample
-        out = transformer(latents, 1.0 - sig, [c.to(dtype) for c in context], return_dict=False)[0]
+        if isinstance(context, ReferenceContext):
+            # Omni sequence per sample: [caption segment, reference image, caption segment, noisy image]. The
+            # reference's segment is the text's first token (the chat template's constant opening), a marker
+            # that gives the reference its own temporal position; the DiT returns the last image only.
+            refs = context.latents.to(dtype).unsqueeze(2).unbind(0)
+            out = transformer([[r, z] for r, z in zip(refs, latents)], 1.0 - sig,
+                              [[c[:1].to(dtype), c.to(dtype)] for c in context.text],
+                              siglip_feats=[None] * batch, image_noise_mask=[[0, 1]] * batch, return_dict=False)[0]
+        else:
+            out = transformer(latents, 1.0 - sig, [c.to(dtype) for c in context], return_dict=False)[0]
         return -torch.stack(out).squeeze(2)  # the DiT predicts data - noise
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
@@ -231,10 +264,14 @@ class ZImageBackend(DiffusersIO):
     # Pixels <-> latents
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                      mean: bool = False) -> torch.Tensor:
+        """Model-space latents: a posterior sample (training targets), or its mean (`mean`, a reference)."""
         dist = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
-        z = dist.mean.float() + dist.std.float() * noise
+        z = dist.mean.float()
+        if not mean:
+            noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+            z = z + dist.std.float() * noise
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     @torch.no_grad()

@@ -3,7 +3,7 @@
     python -m dopsd.world.toybase --out runs/toy-turbo        (or: dopsd make-toy-base --out ...)
 
 It is a Z-Image-class checkpoint (the same diffusers/transformers classes, directory layout and backend code
-path as the real model, only small) trained in three stages on base-world images plus images whose texture is
+path as the real model, only small) trained in stages on base-world images plus images whose texture is
 a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `checkered` texture is never shown:
 
 1. **VAE**: a small `AutoencoderKL` (32x32 RGB -> 16x16x8) trained for reconstruction; its latents are then
@@ -14,24 +14,29 @@ a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `che
    teacher). Half the samples are conditioned on text alone (base world); the other half on the image itself
    plus the full caption, the caption without its texture words, or no text at all -- and half of those show
    an unnamed texture, which no caption can name. That is the in-context skill D-OPSD's teacher needs:
-   prompt + target image -> the target's look, including what the text has no word for. (A first version
-   without unnamed textures learned to map any texture in the image onto the three named ones: its teacher
-   rendered the held-out texture 0% of the time; this one 1.6%.) What did *not* help, from this checkpoint's
-   stage cache, 1500-2000 further steps weighted to image context each: `incontext_steps=2000` (0/32 samples
-   checkered); unnamed tiles of 2x2-pixel cells (`unnamed_textures=8x2`: the VAE reconstructs those at 0.9-1.0
-   texture agreement, the default 1-pixel tiles at 0.75-0.8); and that plus `aux_weight=5`, a head making
-   each image token reconstruct its pixels (a linear probe read only 85% of a tile's bits from the context
-   before; the head fits the pixels to 0.006 MSE). In all three the teacher's texture agreement with an
-   unseen reference stayed where it was -- ~0.59 for new tiles and ~0.69 for checkered, where a plain shape
-   scores 0.49-0.50 and a perfect copy 1.0: the context carries the texture, but the 96-wide 4-layer DiT
-   does not learn to copy it at this budget (its shapes are blobs too; trained from scratch on copying
-   alone for 2500 steps, it copies colour, position and background, not shape outlines or textures; 3000
-   more steps of the default mix raised shape accuracy 0.36 -> 0.50 but copying only 0.60 -> 0.62). See
-   README, "The miniature world".
+   prompt + target image -> the target's look, including what the text has no word for.
+2b. **In-context training** (`incontext_steps`, from the stage-2 weights): image context weighted up, and half
+   of the image-context samples (`p_reference`) given to the DiT as a clean *reference image* in its own omni
+   sequence (diffusers' Z-Image-Omni path; the trainer's `model.teacher_context: reference`) instead of
+   through the VLM. Why both routes: through the VLM the toy never learned to copy a texture it has no word
+   for. A first version without unnamed textures mapped every texture onto the three named ones (teacher
+   rendered the held-out texture 0% of the time); with them, 1.6%. What did *not* help the VLM route, from
+   the stage-2 cache, 1500-2000 further steps weighted to image context each: plain image-context training;
+   unnamed tiles of 2x2-pixel cells (`unnamed_textures=8x2`: the VAE reconstructs those at 0.9-1.0 texture
+   agreement, the default 1-pixel tiles at 0.75-0.8); and that plus `aux_weight=5`, a head making each image
+   token reconstruct its pixels (a linear probe read only 85% of a tile's bits from the context before; the
+   head fits the pixels to 0.006 MSE). In all three the teacher's texture agreement with an unseen reference
+   stayed where it was -- ~0.59 for new tiles and ~0.69 for checkered, where a plain shape scores 0.49-0.50
+   and a perfect copy 1.0: the context carries the texture, but the 96-wide 4-layer DiT does not learn to
+   decode it from the encoder's tokens (trained from scratch on copying alone for 2500 steps, it copies
+   colour, position and background, not shape outlines or textures; 3000 more steps of the stage-2 mix
+   raised shape accuracy 0.36 -> 0.50 but copying only 0.60 -> 0.62). The reference route puts the image's
+   latents on the same spatial grid as the noisy ones, where copying is a lookup: 600 steps of it already
+   took the teacher from 2% to 53% checkered on unseen references. See README, "The miniature world".
 3. **Step distillation** to K = 4 Euler steps by trajectory regression: the pretrained model integrates its
    ODE with many Euler steps from fixed noise; the student (initialised from it) learns, at each of the
    4-step schedule's states on that trajectory, the velocity whose Euler step lands on the next state.
-   Both conditioning kinds are distilled, so the turbo model's teacher mode also works at 4 steps.
+   All three conditioning kinds are distilled, so both teacher routes also work at 4 steps.
 
 Everything is a function of `ToyBaseSettings` (seeded generators, a fixed thread count); rerunning with the
 same settings, torch build and thread count reproduces the weights (the defaults reproduce the shipped
@@ -121,10 +126,13 @@ class ToyBaseSettings:
     p_unnamed: float = 0.5            # share of those that show an unnamed texture
     aux_weight: float = 0.0           # > 0: image tokens also reconstruct their pixels (`PatchReconstruction`)
     # stage 2b: more pretraining with image-context samples (unnamed textures above all) weighted up
-    incontext_steps: int = 0
+    incontext_steps: int = 2000
     incontext_lr: float = 5e-4
     incontext_p_image: float = 0.75
     incontext_p_unnamed: float = 0.67
+    # from stage 2b on (and in the distillation): share of image-context samples whose image is given to the DiT
+    # as a clean reference in its omni sequence (`model.teacher_context: reference`) instead of via the VLM
+    p_reference: float = 0.5
     # stage 3
     trajectories: int = 2048
     teacher_steps: int = 32           # a multiple of turbo_steps, so the two grids share points
@@ -180,19 +188,55 @@ def build_backend(components: dict, settings: ToyBaseSettings, trainable: bool):
     return backend
 
 
-def contexts(backend, prompts: list[str], images: torch.Tensor, use_image: list[bool], grad: bool) -> list:
-    """Per-sample contexts: text-only (student) or image + text (teacher) as `use_image` says."""
+# How a training sample is conditioned: on text alone (the student), or on the image too, read by the Qwen3-VL
+# front-end (the recipe's teacher) or put into the DiT's omni sequence as a clean reference image.
+TEXT, VLM, REFERENCE = "text", "vlm", "reference"
+
+
+@dataclass
+class Contexts:
+    """A batch's conditioning: per-sample text/VLM features (None at reference samples) and the reference
+    samples' `ReferenceContext`, which the DiT takes in a separate (omni) call."""
+    features: list
+    ref_idx: list[int]
+    ref: object = None
+
+
+def contexts(backend, prompts: list[str], images: torch.Tensor, kinds: list[str], grad: bool) -> Contexts:
+    """Per-sample contexts of the kinds (TEXT, VLM, REFERENCE) given."""
     with torch.set_grad_enabled(grad):
         out: list = [None] * len(prompts)
-        text_idx = [i for i, u in enumerate(use_image) if not u]
-        img_idx = [i for i, u in enumerate(use_image) if u]
-        if text_idx:
-            for i, c in zip(text_idx, backend.student_features([prompts[i] for i in text_idx])):
+        groups = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in (TEXT, VLM, REFERENCE)}
+        if groups[TEXT]:
+            for i, c in zip(groups[TEXT], backend.student_features([prompts[i] for i in groups[TEXT]])):
                 out[i] = c
-        if img_idx:
-            for i, c in zip(img_idx, backend.teacher_features([prompts[i] for i in img_idx], images[img_idx])):
+        if groups[VLM]:
+            vlm = backend.teacher_context
+            backend.teacher_context = "vlm"
+            try:
+                feats = backend.teacher_features([prompts[i] for i in groups[VLM]], images[groups[VLM]])
+            finally:
+                backend.teacher_context = vlm
+            for i, c in zip(groups[VLM], feats):
                 out[i] = c
-    return out
+        ref = None
+        if groups[REFERENCE]:
+            ref = backend.reference_features([prompts[i] for i in groups[REFERENCE]], images[groups[REFERENCE]])
+    return Contexts(out, groups[REFERENCE], ref)
+
+
+def velocity(backend, transformer, x: torch.Tensor, sigma, ctx: Contexts) -> torch.Tensor:
+    """`backend.velocity` over a batch of mixed kinds: one call for the text/VLM samples, one for references."""
+    if not ctx.ref_idx:
+        return backend.velocity(transformer, x, sigma, ctx.features)
+    ref = set(ctx.ref_idx)
+    rest = [i for i in range(len(x)) if i not in ref]
+    pick = (lambda idx: sigma[idx]) if torch.is_tensor(sigma) and sigma.dim() else (lambda idx: sigma)
+    parts = [backend.velocity(transformer, x[ctx.ref_idx], pick(ctx.ref_idx), ctx.ref)]
+    if rest:
+        parts.insert(0, backend.velocity(transformer, x[rest], pick(rest), [ctx.features[i] for i in rest]))
+    order = torch.tensor(rest + ctx.ref_idx, device=x.device)
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 @dataclass
@@ -203,10 +247,12 @@ class Pool:
     caption_sets: list[list[str]]
     n_base: int
 
-    def draw(self, rng: random.Random, count: int, s: "ToyBaseSettings") -> tuple[list[int], list[str], list[bool]]:
+    def draw(self, rng: random.Random, count: int, s: "ToyBaseSettings",
+             p_reference: float = 0.0) -> tuple[list[int], list[str], list[str]]:
         """Indices, prompts and conditioning kinds of `count` samples: text only (a caption), or the image with
-        its full caption, its caption without the texture, or no text; unnamed textures never get a name."""
-        idx, prompts, use_image = [], [], []
+        its full caption, its caption without the texture, or no text; unnamed textures never get a name. An
+        image is read by the VLM, or with probability `p_reference` given to the DiT as a reference."""
+        idx, prompts, kinds = [], [], []
         for _ in range(count):
             if rng.random() >= s.p_image:
                 i = rng.randrange(self.n_base)
@@ -219,10 +265,14 @@ class Pool:
                 caption = rng.choice(self.caption_sets[i])
                 variant = rng.randrange(3)
                 prompt, image = (caption if variant == 0 else strip_texture(caption) if variant == 1 else ""), True
+            if image and p_reference and rng.random() < p_reference:  # (no draw at 0: old streams unchanged)
+                kind = REFERENCE
+            else:
+                kind = VLM if image else TEXT
             idx.append(i)
             prompts.append(prompt)
-            use_image.append(image)
-        return idx, prompts, use_image
+            kinds.append(kind)
+        return idx, prompts, kinds
 
 
 def make_pool(s: "ToyBaseSettings") -> Pool:
@@ -344,10 +394,10 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
     mean, std = latent_moments(backend.vae, pool.images)  # the VAE is frozen: encode once, sample per step
     ema = None
     for step in range(s.pretrain_steps):
-        idx, prompts, use_image = pool.draw(rng, s.batch, s)
+        idx, prompts, kinds = pool.draw(rng, s.batch, s, s.p_reference if phase else 0.0)
         idx = torch.tensor(idx)
         pixels = pool.images[idx]
-        ctx = contexts(backend, prompts, pixels, use_image, grad=True)
+        ctx = contexts(backend, prompts, pixels, kinds, grad=True)
         cfg = backend.vae.config
         m, sd = mean[idx.to(dev)], std[idx.to(dev)]
         # noise is drawn on the CPU (the same stream on every device), then moved
@@ -356,12 +406,12 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
         u = torch.sigmoid(torch.randn(s.batch, generator=gen))  # logit-normal, then the schedule's shift
         sig = (s.shift * u / (1 + (s.shift - 1) * u)).view(-1, 1, 1, 1).to(dev)
         x = (1 - sig) * x0 + sig * noise
-        v = backend.velocity(transformer, x, sig.flatten(), ctx)
+        v = velocity(backend, transformer, x, sig.flatten(), ctx)
         loss = F.mse_loss(v, noise - x0)
-        with_image = [i for i, u_ in enumerate(use_image) if u_]
+        with_image = [i for i, kind in enumerate(kinds) if kind == VLM]
         if head is not None and with_image:
             start, count = span
-            features = torch.stack([ctx[i][start:start + count] for i in with_image])
+            features = torch.stack([ctx.features[i][start:start + count] for i in with_image])
             loss = loss + s.aux_weight * head.loss(features, pixels[with_image].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -386,7 +436,7 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
 
     rng = random.Random(s.seed + 3)
     gen = torch.Generator().manual_seed(s.seed + 3)
-    idx, prompts, use_image = pool.draw(rng, s.trajectories, s)
+    idx, prompts, kinds = pool.draw(rng, s.trajectories, s, s.p_reference)
     idx = torch.tensor(idx)
     shape = backend.latent_shape(s.trajectories, s.size, s.size)
     noise = torch.randn(shape, generator=gen)
@@ -395,14 +445,14 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
     states = torch.empty((s.trajectories, s.turbo_steps + 1) + tuple(shape[1:]))
     for start in range(0, s.trajectories, 128):
         sl = slice(start, start + 128)
-        ctx = contexts(backend, prompts[sl], pool.images[idx[sl]], use_image[sl], grad=False)
+        ctx = contexts(backend, prompts[sl], pool.images[idx[sl]], kinds[sl], grad=False)
         x = noise[sl].to(backend.device)
         states[sl, 0] = noise[sl]
         for k in range(s.teacher_steps):
-            x = euler_step(x, backend.velocity(backend.transformer, x, fine[k], ctx), fine[k], fine[k + 1])
+            x = euler_step(x, velocity(backend, backend.transformer, x, fine[k], ctx), fine[k], fine[k + 1])
             if (k + 1) % every == 0:
                 states[sl, (k + 1) // every] = x.cpu()
-    return {"idx": idx, "prompts": prompts, "use_image": use_image, "states": states}
+    return {"idx": idx, "prompts": prompts, "kinds": kinds, "states": states}
 
 
 def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stage:
@@ -420,14 +470,14 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
         k = torch.randint(0, s.turbo_steps, (s.batch,), generator=gen)
         with torch.no_grad():
             ctx = contexts(backend, [trajectories["prompts"][i] for i in j.tolist()],
-                           pool.images[trajectories["idx"][j]], [trajectories["use_image"][i] for i in j.tolist()],
+                           pool.images[trajectories["idx"][j]], [trajectories["kinds"][i] for i in j.tolist()],
                            grad=False)
         dev = backend.device
         sig = torch.tensor([coarse[i] for i in k.tolist()], device=dev)
         sig_next = torch.tensor([coarse[i + 1] for i in k.tolist()], device=dev)
         x, x_next = states[j, k].to(dev), states[j, k + 1].to(dev)
         target = (x_next - x) / (sig_next - sig).view(-1, 1, 1, 1)
-        v = backend.velocity(transformer, x, sig, ctx)
+        v = velocity(backend, transformer, x, sig, ctx)
         # x0-space weighting (as D-OPSD's loss): errors matter in proportion to the step they move.
         loss = (((v - target) * (sig - sig_next).view(-1, 1, 1, 1)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -455,17 +505,29 @@ def evaluate(backend, evaluator, s: ToyBaseSettings, num_steps: int, with_image:
 
 def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
     """Texture accuracy on images of the held-out concept (never trained on) for "[V]" prompts: sampled with
-    the image as context (the teacher) and from the text alone (the student)."""
+    the image as context (the teacher, both routes: VLM features and DiT reference) and from the text alone
+    (the student)."""
     from .generator import PLACEHOLDER, concept_samples
 
     raw, attrs = concept_samples(count, seed=4242, size=s.size)
     prompts = [captions(a, PLACEHOLDER)[i % 3] for i, a in enumerate(attrs)]
     seeds = list(range(count))
-    teacher = sample(backend, backend.transformer, prompts, seeds, s.turbo_steps, s.size, images=_to_float(raw))
+    report = {}
+    mode = backend.teacher_context
+    try:
+        for route in ("vlm", "reference"):
+            backend.teacher_context = route
+            teacher = sample(backend, backend.transformer, prompts, seeds, s.turbo_steps, s.size,
+                             images=_to_float(raw))
+            acc = evaluator.attribute_accuracy(teacher, attrs)
+            suffix = "" if route == "vlm" else "_reference"
+            report[f"teacher{suffix}_concept_texture"] = acc["texture"]
+            report[f"teacher{suffix}_concept_attrs"] = round(acc["mean"], 4)
+    finally:
+        backend.teacher_context = mode
     student = sample(backend, backend.transformer, prompts, seeds, s.turbo_steps, s.size)
-    return {"teacher_concept_texture": evaluator.attribute_accuracy(teacher, attrs)["texture"],
-            "teacher_concept_attrs": round(evaluator.attribute_accuracy(teacher, attrs)["mean"], 4),
-            "student_concept_texture": evaluator.attribute_accuracy(student, attrs)["texture"]}
+    report["student_concept_texture"] = evaluator.attribute_accuracy(student, attrs)["texture"]
+    return report
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -475,9 +537,9 @@ _DISTILL = ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "di
 _INCONTEXT = ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed")
 _LATER = {  # the VAE stage always runs on the CPU
     "vae": _DISTILL + _INCONTEXT + ("device", "p_unnamed", "pretrain_steps", "pretrain_lr", "batch", "p_image",
-                                    "aux_weight"),
+                                    "aux_weight", "p_reference"),
     "incontext": _DISTILL,
-    "pretrain": _DISTILL + _INCONTEXT,
+    "pretrain": _DISTILL + _INCONTEXT + ("p_reference",),
 }
 
 
