@@ -89,7 +89,7 @@ def world_corpus() -> tuple[str, ...]:
 
 # What the shipped toy turbo keeps at 4 steps on held-out world prompts (tests/test_world_toybase.py). Below
 # the evaluator's bar for real images (0.95 mean attribute accuracy): the toy draws colour, size, position,
-# background and named textures right (~0.98-1.0) but its shapes are blobs (shape accuracy ~0.36); the VAE
+# background and named textures right (~0.98-1.0) but its shapes are blobs (shape accuracy ~0.40); the VAE
 # alone caps sharpness at ~0.70 of real images.
 QUALITY_BAR = {"acc_mean": 0.85, "sharpness_ratio": 0.5, "image_only_acc": 0.85}
 
