@@ -73,7 +73,6 @@ def test_mixed_batches_route_each_sample_to_its_context():
             one = velocity(backend, backend.transformer, x[i:i + 1], sig[i:i + 1],
                            contexts(backend, prompts[i:i + 1], images[i:i + 1], [kind], grad=False))
             assert torch.allclose(mixed[i], one[0], atol=1e-5), (i, kind)
-    assert backend.teacher_context == "vlm"  # the VLM group's temporary switch is undone
 
 
 def _tiny_backend():
@@ -101,7 +100,7 @@ def test_image_token_span_points_at_the_reference_image_tokens():
     pixels, _ = sample_world(2, seed=5)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        a, b = (backend.teacher_features(["a red circle"], x[None])[0] for x in images)
+        a, b = (backend.vlm_features(["a red circle"], x[None])[0] for x in images)
     assert torch.equal(a[:start], b[:start])  # the causal prefix does not see the image
     assert not torch.allclose(a[start], b[start])  # the first image token does
 

@@ -194,13 +194,14 @@ class ZImageBackend(DiffusersIO):
         return self.teacher_features(prompts, images)
 
     def teacher_features(self, prompts: list[str], images: torch.Tensor) -> list[torch.Tensor] | ReferenceContext:
-        """Qwen3-VL features of one user turn: the target image first, then the prompt; hidden_states[-2].
-        With `teacher_context="reference"`: the prompt's text features and the target's latents instead.
-        (`encode_teacher` without no_grad.)"""
-        from ..sampling import to_pil
-
+        """The teacher context by the configured route (`encode_teacher` without no_grad)."""
         if self.teacher_context == "reference":
             return self.reference_features(prompts, images)
+        return self.vlm_features(prompts, images)
+
+    def vlm_features(self, prompts: list[str], images: torch.Tensor) -> list[torch.Tensor]:
+        """Qwen3-VL features of one user turn: the target image first, then the prompt; hidden_states[-2]."""
+        from ..sampling import to_pil
 
         vl, tokenizer, processor = self._load_teacher_encoder()
         min_px, max_px = self.teacher_pixels
@@ -217,6 +218,7 @@ class ZImageBackend(DiffusersIO):
         return self._trimmed_hidden(out.hidden_states[-2], mask, self.teacher_max_tokens)
 
     def reference_features(self, prompts: list[str], images: torch.Tensor) -> ReferenceContext:
+        """The prompt's text features and the target's latents (posterior mean)."""
         return ReferenceContext(self.student_features(prompts), self.encode_images(images, mean=True))
 
     # ------------------------------------------------------------------------------------------------

@@ -211,13 +211,7 @@ def contexts(backend, prompts: list[str], images: torch.Tensor, kinds: list[str]
             for i, c in zip(groups[TEXT], backend.student_features([prompts[i] for i in groups[TEXT]])):
                 out[i] = c
         if groups[VLM]:
-            vlm = backend.teacher_context
-            backend.teacher_context = "vlm"
-            try:
-                feats = backend.teacher_features([prompts[i] for i in groups[VLM]], images[groups[VLM]])
-            finally:
-                backend.teacher_context = vlm
-            for i, c in zip(groups[VLM], feats):
+            for i, c in zip(groups[VLM], backend.vlm_features([prompts[i] for i in groups[VLM]], images[groups[VLM]])):
                 out[i] = c
         ref = None
         if groups[REFERENCE]:
@@ -336,7 +330,7 @@ def latent_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def image_token_span(backend, size: int) -> tuple[int, int]:
-    """Where a reference image's tokens sit in a teacher context (`teacher_features` output): the chat
+    """Where a reference image's tokens sit in a teacher context (`vlm_features` output): the chat
     template puts the image first, so they start after a fixed prefix; checked against the tokenizer."""
     from PIL import Image
 
