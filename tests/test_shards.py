@@ -163,3 +163,15 @@ def test_cached_features_with_references_are_refused(tiny_model_dir, tmp_path):
     cfg = from_dict({"model": {"path": str(tiny_model_dir)}, "data": {"path": "x", "resolution": [32, 32]}})
     with pytest.raises(ValueError, match="cached features are for text-to-image data"):
         make_shards(str(src), str(tmp_path / "out"), features="student", cfg=cfg, progress=False)
+
+
+def test_teacher_features_of_the_reference_route_are_refused(tiny_model_dir, concept_dir, tmp_path):
+    """`teacher_context: reference` puts the image into the DiT: nothing to cache for the teacher, say so."""
+    from dopsd.config import from_dict
+
+    cfg = from_dict({"model": {"path": str(tiny_model_dir), "teacher_context": "reference"},
+                     "data": {"path": "x", "resolution": [32, 32]}})
+    with pytest.raises(ValueError, match="--features student"):
+        make_shards(str(concept_dir), str(tmp_path / "out"), features="all", cfg=cfg, progress=False)
+    summary = make_shards(str(concept_dir), str(tmp_path / "ok"), features="student", cfg=cfg, progress=False)
+    assert summary["samples"] > 0

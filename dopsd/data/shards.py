@@ -201,6 +201,9 @@ class FeatureEncoder:
         if cfg.model.backend not in CACHEABLE_BACKENDS:
             raise ValueError(f"--features: backend {cfg.model.backend!r} cannot cache features (its contexts are not "
                              f"per-sample token features); supported: {', '.join(CACHEABLE_BACKENDS)}")
+        if mode == "all" and cfg.model.teacher_context == "reference":
+            raise ValueError("--features all: model.teacher_context=reference gives the target image to the DiT "
+                             "itself, there are no teacher features to cache; use --features student")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.mode = mode
