@@ -201,3 +201,17 @@ def test_sharded_full_finetune_matches_single_process(tiny_model_dir, data_dir, 
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.allclose(wa[key], wb[key], atol=1e-6, rtol=1e-4), key
+
+
+def test_zero3_with_the_reference_teacher_matches_single_process(tiny_model_dir, data_dir, tmp_path):
+    """The reference route's teacher is one omni forward of the sharded DiT per roll-out step, on every rank."""
+    overrides = {"model": {"teacher_context": "reference"}, "train": {"steps": 2}, "checkpoint": {"every": 0},
+                 "validation": {"every": 0, "prompts": []}}
+    single = tmp_path / "single"
+    Trainer(from_dict(_config(tiny_model_dir, data_dir, single, **overrides))).fit()
+    zero3 = tmp_path / "zero3"
+    _launch(_zero3(_config(tiny_model_dir, data_dir, zero3, **overrides)), tmp_path)
+    a, b = _losses(single), _losses(zero3)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert _close(a[step]["loss"], b[step]["loss"], 1e-4), step
