@@ -147,14 +147,14 @@ def test_shipped_turbo_copies_the_reference_image_in_context(toy):
 
 
 def _concept_teacher_samples(backend, route: str):
+    from dopsd.world.toybase import teacher_samples
+
     pixels, attrs = concept_samples(32, seed=4242)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     prompts = [captions(a, PLACEHOLDER)[i % 3] for i, a in enumerate(attrs)]
-    backend.teacher_context = route
-    try:
-        return sample(backend, backend.transformer, prompts, list(range(32)), 4, 32, images=images), attrs
-    finally:
-        backend.teacher_context = "vlm"
+    out = teacher_samples(backend, prompts, images, route, 4, 32)
+    assert backend.teacher_context == "vlm"  # the configured route is back
+    return out, attrs
 
 
 def test_shipped_turbo_renders_the_unseen_texture_from_a_reference(toy):

@@ -497,6 +497,19 @@ def evaluate(backend, evaluator, s: ToyBaseSettings, num_steps: int, with_image:
     return {k: round(float(v), 4) for k, v in scores.items()}
 
 
+def teacher_samples(backend, prompts: list[str], images: torch.Tensor, route: str, num_steps: int,
+                    size: int) -> torch.Tensor:
+    """Teacher-context samples (prompt + image, noise seed i for sample i) through `route` ("vlm" or
+    "reference"), whichever route the backend is configured with."""
+    configured = backend.teacher_context
+    backend.teacher_context = route
+    try:
+        return sample(backend, backend.transformer, prompts, list(range(len(prompts))), num_steps, size,
+                      images=images)
+    finally:
+        backend.teacher_context = configured
+
+
 def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
     """Texture accuracy on images of the held-out concept (never trained on) for "[V]" prompts: sampled with
     the image as context (the teacher, both routes: VLM features and DiT reference) and from the text alone
@@ -505,21 +518,13 @@ def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
 
     raw, attrs = concept_samples(count, seed=4242, size=s.size)
     prompts = [captions(a, PLACEHOLDER)[i % 3] for i, a in enumerate(attrs)]
-    seeds = list(range(count))
     report = {}
-    mode = backend.teacher_context
-    try:
-        for route in ("vlm", "reference"):
-            backend.teacher_context = route
-            teacher = sample(backend, backend.transformer, prompts, seeds, s.turbo_steps, s.size,
-                             images=_to_float(raw))
-            acc = evaluator.attribute_accuracy(teacher, attrs)
-            suffix = "" if route == "vlm" else "_reference"
-            report[f"teacher{suffix}_concept_texture"] = acc["texture"]
-            report[f"teacher{suffix}_concept_attrs"] = round(acc["mean"], 4)
-    finally:
-        backend.teacher_context = mode
-    student = sample(backend, backend.transformer, prompts, seeds, s.turbo_steps, s.size)
+    for route, suffix in (("vlm", ""), ("reference", "_reference")):
+        acc = evaluator.attribute_accuracy(teacher_samples(backend, prompts, _to_float(raw), route, s.turbo_steps,
+                                                           s.size), attrs)
+        report[f"teacher{suffix}_concept_texture"] = acc["texture"]
+        report[f"teacher{suffix}_concept_attrs"] = round(acc["mean"], 4)
+    student = sample(backend, backend.transformer, prompts, list(range(count)), s.turbo_steps, s.size)
     report["student_concept_texture"] = evaluator.attribute_accuracy(student, attrs)["texture"]
     return report
 
