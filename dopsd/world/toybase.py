@@ -167,6 +167,60 @@ def _cosine_lr(opt: torch.optim.Optimizer, steps: int, warmup: int = 100) -> tor
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+# Data parallel over processes (`torchrun --nproc_per_node N -m dopsd.world.toybase ...`): every rank draws the
+# same global batch from the same seeded streams and computes a strided slice of it; gradients are averaged
+# over ranks, so N is a speed knob only (the result matches one process up to float summation order). The
+# per-sample Python work in the diffusers DiT and the encoders bounds a single process on a GPU (~1 s per
+# step of 256 samples on an H100, whatever the DiT's width), so several processes may share one GPU: the
+# reduction runs over gloo on CPU copies (NCCL refuses two ranks on one device).
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _local(n: int) -> list[int] | None:
+    """This rank's indices of an n-sample global batch (None: all of it, one process)."""
+    rank, world = _rank_world()
+    if world == 1:
+        return None
+    if n % world:
+        raise ValueError(f"toy base: a global batch of {n} samples does not split over {world} processes")
+    return list(range(rank, n, world))
+
+
+def _take(items, mine: list[int] | None):
+    if mine is None:
+        return items
+    return items[mine] if torch.is_tensor(items) else [items[i] for i in mine]
+
+
+def _average_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over ranks. A parameter no rank touched keeps grad None (as in one process, where
+    AdamW then skips it); one that some rank touched gets the average with zeros for the others."""
+    import torch.distributed as dist
+
+    _, world = _rank_world()
+    if world == 1:
+        return
+    flat = torch.cat([torch.cat([p.grad.reshape(-1).cpu() if p.grad is not None else torch.zeros(p.numel())
+                                 for p in params]),
+                      torch.tensor([float(p.grad is not None) for p in params])])
+    dist.all_reduce(flat)
+    offset, touched = 0, flat[-len(params):]
+    for p, used in zip(params, touched.tolist()):
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.device) / world if used else None
+        offset += n
+
+
+def _global_mean(value: float) -> float:
+    from ..dist import all_mean
+
+    return all_mean(value)
+
+
 def build_backend(components: dict, settings: ToyBaseSettings, trainable: bool):
     """A `ZImageBackend` over live components (no directory); the Qwen3-VL front-end is grafted onto the
     text encoder here exactly as the backend does when it loads one from disk."""
@@ -387,11 +441,11 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
     t0 = time.time()
     mean, std = latent_moments(backend.vae, pool.images)  # the VAE is frozen: encode once, sample per step
     ema = None
+    mine = _local(s.batch)
     for step in range(s.pretrain_steps):
+        # the global batch and all its noise, drawn the same on every rank; this rank computes `mine` of it
         idx, prompts, kinds = pool.draw(rng, s.batch, s, s.p_reference if phase else 0.0)
         idx = torch.tensor(idx)
-        pixels = pool.images[idx]
-        ctx = contexts(backend, prompts, pixels, kinds, grad=True)
         cfg = backend.vae.config
         m, sd = mean[idx.to(dev)], std[idx.to(dev)]
         # noise is drawn on the CPU (the same stream on every device), then moved
@@ -400,6 +454,9 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
         u = torch.sigmoid(torch.randn(s.batch, generator=gen))  # logit-normal, then the schedule's shift
         sig = (s.shift * u / (1 + (s.shift - 1) * u)).view(-1, 1, 1, 1).to(dev)
         x = (1 - sig) * x0 + sig * noise
+        idx, prompts, kinds, x0, noise, sig, x = (_take(t, mine) for t in (idx, prompts, kinds, x0, noise, sig, x))
+        pixels = pool.images[idx]
+        ctx = contexts(backend, prompts, pixels, kinds, grad=True)
         v = velocity(backend, transformer, x, sig.flatten(), ctx)
         loss = F.mse_loss(v, noise - x0)
         with_image = [i for i, kind in enumerate(kinds) if kind == VLM]
@@ -409,18 +466,20 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
             loss = loss + s.aux_weight * head.loss(features, pixels[with_image].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _average_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if (step + 1) % 100 == 0:
-            log.info("pretrain %d/%d loss %.4f (%.0fs)", step + 1, s.pretrain_steps, ema, time.time() - t0)
-        if monitor is not None and (step + 1) % 1000 == 0:
+            log.info("pretrain %d/%d loss %.4f (%.0fs)", step + 1, s.pretrain_steps, _global_mean(ema),
+                     time.time() - t0)
+        if monitor is not None and (step + 1) % 1000 == 0 and _rank_world()[0] == 0:
             transformer.eval()
             log.info("pretrain %d: %s", step + 1, monitor())
             transformer.train()
     transformer.eval()
-    return Stage(time.time() - t0, ema)
+    return Stage(time.time() - t0, _global_mean(ema))
 
 
 @torch.no_grad()
@@ -436,8 +495,12 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
     noise = torch.randn(shape, generator=gen)
     fine = backend.sigmas(s.teacher_steps, shape)
     every = s.teacher_steps // s.turbo_steps
-    states = torch.empty((s.trajectories, s.turbo_steps + 1) + tuple(shape[1:]))
-    for start in range(0, s.trajectories, 128):
+    rank, world = _rank_world()
+    # chunk c is integrated by rank c % world; the others leave zeros there, and a sum gathers them all
+    states = (torch.empty if world == 1 else torch.zeros)((s.trajectories, s.turbo_steps + 1) + tuple(shape[1:]))
+    for chunk, start in enumerate(range(0, s.trajectories, 128)):
+        if chunk % world != rank:
+            continue
         sl = slice(start, start + 128)
         ctx = contexts(backend, prompts[sl], pool.images[idx[sl]], kinds[sl], grad=False)
         x = noise[sl].to(backend.device)
@@ -446,6 +509,10 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
             x = euler_step(x, velocity(backend, backend.transformer, x, fine[k], ctx), fine[k], fine[k + 1])
             if (k + 1) % every == 0:
                 states[sl, (k + 1) // every] = x.cpu()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(states)
     return {"idx": idx, "prompts": prompts, "kinds": kinds, "states": states}
 
 
@@ -459,9 +526,11 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
     transformer.train()
     t0 = time.time()
     ema = None
+    mine = _local(s.batch)
     for step in range(s.distill_steps):
         j = torch.randint(0, n, (s.batch,), generator=gen)
         k = torch.randint(0, s.turbo_steps, (s.batch,), generator=gen)
+        j, k = _take(j, mine), _take(k, mine)
         with torch.no_grad():
             ctx = contexts(backend, [trajectories["prompts"][i] for i in j.tolist()],
                            pool.images[trajectories["idx"][j]], [trajectories["kinds"][i] for i in j.tolist()],
@@ -476,14 +545,16 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
         loss = (((v - target) * (sig - sig_next).view(-1, 1, 1, 1)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _average_grads(list(transformer.parameters()))
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if (step + 1) % 100 == 0:
-            log.info("distill %d/%d loss %.5f (%.0fs)", step + 1, s.distill_steps, ema, time.time() - t0)
+            log.info("distill %d/%d loss %.5f (%.0fs)", step + 1, s.distill_steps, _global_mean(ema),
+                     time.time() - t0)
     transformer.eval()
-    return Stage(time.time() - t0, ema)
+    return Stage(time.time() - t0, _global_mean(ema))
 
 
 def evaluate(backend, evaluator, s: ToyBaseSettings, num_steps: int, with_image: bool = False) -> dict:
@@ -571,7 +642,7 @@ def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, ru
         log.info("%s: loaded from %s", stage, path)
         return {**info, "cached": True}
     info = asdict(run())
-    if path is not None:
+    if path is not None and _rank_world()[0] == 0:
         work.mkdir(parents=True, exist_ok=True)
         state = {f"{name}.{k}": v.detach().cpu().contiguous() for name, module in modules.items()
                  for k, v in module.state_dict().items()}
@@ -592,9 +663,14 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                   work: str | Path | None = None) -> dict:
     from ..models.zimage_tiny import build_tiny_components, save_zimage_dir
 
+    from ..dist import init_distributed
+
     s = settings
     work = Path(work) if work else None
     torch.set_num_threads(s.threads)
+    info = init_distributed(backend="gloo")  # several processes under torchrun: data parallel (see _local)
+    if s.device.startswith("cuda") and info.distributed:
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     deterministic = torch.are_deterministic_algorithms_enabled()
     if s.device.startswith("cuda"):  # reproducible on the same GPU model and software (cuBLAS needs this)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -626,6 +702,8 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                                                           lambda: pretrain(backend, c, pool, phase, monitor, phase=1))
         backend = build_backend(c, s, trainable=False)
         backend.transformer.eval()
+        if not info.is_main:
+            evaluator = None  # rank 0 evaluates and writes the model
         if evaluator is not None:
             report["base_many_steps"] = evaluate(backend, evaluator, s, s.teacher_steps)
             report["base_4_steps"] = evaluate(backend, evaluator, s, s.turbo_steps)
@@ -643,6 +721,13 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                      report["turbo_4_steps_image_only"], report["turbo_in_context"])
     torch.use_deterministic_algorithms(deterministic)
     report["seconds"] = round(time.time() - t_start, 1)
+    if info.distributed:
+        import torch.distributed as dist
+
+        report["processes"] = info.world_size
+        dist.destroy_process_group()
+        if not info.is_main:
+            return report
     c["teacher_encoder"].lm_head = c.pop("lm_head")
     _move(c, "cpu")
     out = save_zimage_dir(c, out_dir)
