@@ -61,6 +61,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800, deepspeed: bo
             import deepspeed as ds
 
             ds.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
+            _release_deepspeed_shm(info)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
     except Exception as e:  # the store raises DistStoreError / RuntimeError / TimeoutError by version
@@ -72,6 +73,25 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800, deepspeed: bo
                 f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from None
         raise
     return info
+
+
+def _release_deepspeed_shm(info: DistInfo) -> None:
+    """Unlink this rank's DeepSpeed shared-memory segment as soon as every rank has mapped it.
+
+    When its launcher says all ranks are on one host (LOCAL_SIZE), DeepSpeed's CPU backend sets up a shared-
+    memory all-reduce during init: each rank creates a ~69 MB segment in /dev/shm and maps every peer's, and
+    nothing ever unlinks them. Each such run left ranks x 69 MB of RAM behind until reboot (a few dozen runs
+    fill a laptop's /dev/shm, and later jobs die of memory). A rank's init returns only after it has mapped
+    all peers' segments, so after a barrier the names can go: the mappings stay valid and the kernel frees the
+    memory when the processes exit, however they exit."""
+    if info.distributed:
+        dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{info.rank}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # no shm all-reduce (ranks on several hosts, a GPU accelerator) or not a Linux /dev/shm
 
 
 class RendezvousTimeout(RuntimeError):
