@@ -1,12 +1,14 @@
 """The miniature world's toy turbo model: the script that makes it, the shipped checkpoint, and the SFT vs
 D-OPSD comparison's smoke run."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dopsd.config import ModelConfig
 from dopsd.models import load_backend
@@ -53,6 +55,57 @@ def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
     # the teacher path (grafted Qwen3-VL front-end) loads from the saved teacher_encoder/ too
     ctx = backend.encode_teacher([""], images)
     assert len(ctx) == 1 and ctx[0].shape[-1] == backend.transformer.config.cap_feat_dim
+
+
+def test_data_parallel_build_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m dopsd.world.toybase`: each rank computes half of every global batch (and
+    half of the trajectories) and gradients are averaged, so the model is the one-process model up to float
+    summation order; the work cache written by rank 0 alone is reused."""
+    import socket
+
+    from dopsd.models.zimage_tiny import build_tiny_components
+    from dopsd.world.toybase import world_corpus
+
+    sets = dict(num_images=48, num_unnamed=16, vae_steps=2, vae_batch=8, pretrain_steps=4, incontext_steps=3, batch=8,
+                trajectories=256, teacher_steps=8, distill_steps=3, dit_dim=64, dit_layers=1, threads=1,
+                # large warm-up steps in pretraining (weights move ~0.03); none in distillation, whose tiny
+                # x0-weighted gradients let Adam amplify float noise (1 vs 2 threads differ as much there)
+                pretrain_lr=0.5, incontext_lr=0.05, distill_lr=0.0)
+    threads = torch.get_num_threads()
+    try:
+        make_toy_base(tmp_path / "one", ToyBaseSettings(**sets))
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "dopsd.world.toybase", "--out", str(tmp_path / "two"), "--work", str(tmp_path / "work"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["processes"] == 2
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "work").iterdir()) == ["incontext", "pretrain", "vae"]
+    s = ToyBaseSettings(**sets)
+    torch.manual_seed(s.seed)
+    init = build_tiny_components(s.seed, dit_dim=s.dit_dim, dit_layers=s.dit_layers, text_hidden=s.text_hidden,
+                                 vae_channels=s.vae_channels, vae_groups=s.vae_groups,
+                                 latent_channels=s.latent_channels, teacher_patch=s.teacher_patch,
+                                 vision_hidden=s.vision_hidden, shift=s.shift, tokenizer_corpus=world_corpus())
+    for part, name in (("transformer/diffusion_pytorch_model.safetensors", "transformer"),
+                       ("text_encoder/model.safetensors", "text_encoder")):
+        a, b = load_file(tmp_path / "one" / part), load_file(tmp_path / "two" / part)
+        start = init[name].state_dict()
+        assert a.keys() == b.keys()
+        trained = max((a[k] - start[k]).abs().max().item() for k in a)
+        apart = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert apart < 1e-3 < 0.02 < trained, (part, apart, trained)
+    # the trajectories and the distillation loss (a global-batch mean, as logged) are the same too
+    first = json.loads((tmp_path / "one" / "report.json").read_text())["stages"]
+    for stage in ("pretrain", "incontext", "distill"):
+        a, b = first[stage]["final_loss"], report["stages"][stage]["final_loss"]
+        assert abs(a - b) <= 1e-3 * abs(a), (stage, a, b)
 
 
 def test_mixed_batches_route_each_sample_to_its_context():

@@ -43,11 +43,17 @@ same settings, torch build and thread count reproduces the weights (the defaults
 dopsd/assets/toy_turbo). `report.json` in the output records the settings, the time of each stage and the
 evaluator's scores of the base (many steps) and turbo (4 steps).
 
-`--set device=cuda` runs stages 2-3 on a GPU (noise still drawn on the CPU; deterministic algorithms on).
-It ran end to end on an H100 (a 128-wide 6-layer DiT, batch 256), but at 1.06 s per pretraining step and
-0.9 s per distillation step. Not profiled there; a likely cause, from reading transformers' Qwen3-VL code:
-without flash-attention its vision attention runs one attention call per image (and a host sync per layer),
-i.e. ~128 tiny calls per layer per step here, beside per-image PIL preprocessing -- batch those first.
+`--set device=cuda` runs stages 2-3 on a GPU (noise still drawn on the CPU; deterministic algorithms on), and
+`torchrun --nproc_per_node N -m dopsd.world.toybase ...` splits each step's global batch over N processes
+(data parallel, gradients averaged over gloo; one process is bit-identical to the plain command, N processes
+match it up to float summation order). Measured on one H100 (128-wide 6-layer DiT, global batch 256, a stage-2
+step): 0.87 s in one process (1.13 s with deterministic algorithms), 0.69 s with 4 processes sharing the GPU,
+0.96 s with 8 (deterministic), 1.25 s with 8 processes on its 16 CPU cores and no GPU. So ~300-370 samples/s,
+about 3-4x these 2 CPU cores on the 96x4 default, and hardly more from more processes. Not profiled there; the
+likely cause, from the code: per-sample work in many tiny kernels (diffusers' Z-Image DiT patchifies, pads and
+unpatchifies each sample in Python; Qwen3-VL's vision attention without flash-attention runs image by image),
+which one GPU serialises however many processes issue it. A
+15-minute GPU slot bought a 156/78/39-step build (4-step mean accuracy 0.80), short of the CPU recipe.
 """
 from __future__ import annotations
 
