@@ -39,17 +39,13 @@ def test_strip_texture_removes_every_texture_phrase():
 
 def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
     tiny = dict(num_images=64, num_unnamed=32, vae_steps=3, vae_batch=8, pretrain_steps=3, incontext_steps=2, batch=8,
-                refine_steps=2, trajectories=16, teacher_steps=8, distill_steps=2, dit_dim=64, dit_layers=1)
+                trajectories=16, teacher_steps=8, distill_steps=2, dit_dim=64, dit_layers=1)
     work = tmp_path / "work"
     first = make_toy_base(tmp_path / "a", ToyBaseSettings(**tiny), work=work)
     assert not first["stages"]["vae"].get("cached") and not first["stages"]["pretrain"].get("cached")
     # a distillation-only change reuses the cached VAE and pretraining stages
     second = make_toy_base(tmp_path / "b", ToyBaseSettings(**{**tiny, "distill_steps": 3}), work=work)
-    assert all(second["stages"][k]["cached"] for k in ("vae", "pretrain", "incontext", "refine"))
-    # a refinement-only change reuses everything before it
-    third = make_toy_base(tmp_path / "c", ToyBaseSettings(**{**tiny, "refine_shift": 2.0}), work=work)
-    assert all(third["stages"][k]["cached"] for k in ("vae", "pretrain", "incontext"))
-    assert not third["stages"]["refine"].get("cached")
+    assert all(second["stages"][k]["cached"] for k in ("vae", "pretrain", "incontext"))
     assert json.loads((tmp_path / "b" / "report.json").read_text())["settings"]["distill_steps"] == 3
 
     backend = _backend(tmp_path / "a")  # the real loading code: ZImageBackend.from_config

@@ -136,11 +136,6 @@ class ToyBaseSettings:
     incontext_lr: float = 5e-4
     incontext_p_image: float = 0.75
     incontext_p_unnamed: float = 0.67
-    # stage 2c: more steps of the stage-2b mix with the training noise levels drawn with `refine_shift` instead of
-    # `shift` (which puts ~2.5% of samples below sigma 0.3, where a 32x32 shape's outline is decided)
-    refine_steps: int = 0
-    refine_lr: float = 5e-4
-    refine_shift: float = 1.0
     # from stage 2b on (and in the distillation): share of image-context samples whose image is given to the DiT
     # as a clean reference in its omni sequence (`model.teacher_context: reference`) instead of via the VLM
     p_reference: float = 0.5
@@ -615,13 +610,11 @@ def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
 
 # Settings each stage's result does not depend on (everything else keys its cache entry).
 _DISTILL = ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count")
-_REFINE = ("refine_steps", "refine_lr", "refine_shift")
-_INCONTEXT = ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed") + _REFINE
+_INCONTEXT = ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed")
 _LATER = {  # the VAE stage always runs on the CPU
     "vae": _DISTILL + _INCONTEXT + ("device", "p_unnamed", "pretrain_steps", "pretrain_lr", "batch", "p_image",
                                     "aux_weight", "p_reference"),
-    "refine": _DISTILL,
-    "incontext": _DISTILL + _REFINE,
+    "incontext": _DISTILL,
     "pretrain": _DISTILL + _INCONTEXT + ("p_reference",),
 }
 
@@ -713,11 +706,6 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                             p_image=s.incontext_p_image, p_unnamed=s.incontext_p_unnamed)
             report["stages"]["incontext"] = _cached_stage(work, "incontext", s, c,
                                                           lambda: pretrain(backend, c, pool, phase, monitor, phase=1))
-        if s.refine_steps:
-            phase = replace(s, pretrain_steps=s.refine_steps, pretrain_lr=s.refine_lr, p_image=s.incontext_p_image,
-                            p_unnamed=s.incontext_p_unnamed, shift=s.refine_shift)
-            report["stages"]["refine"] = _cached_stage(work, "refine", s, c,
-                                                       lambda: pretrain(backend, c, pool, phase, monitor, phase=2))
         backend = build_backend(c, s, trainable=False)
         backend.transformer.eval()
         if not info.is_main:
