@@ -181,7 +181,7 @@ def _cosine_lr(opt: torch.optim.Optimizer, steps: int, warmup: int = 100) -> tor
 # over ranks, so N is a speed knob only (the result matches one process up to float summation order). Several
 # processes may share one GPU, so the reduction runs over gloo on CPU copies (NCCL refuses two ranks on one
 # device); on one H100 that bought little (module docstring: 0.87 s per 256-sample step in one process, 0.69 s
-# in four), but it scales a CPU build over cores and a GPU build over GPUs.
+# in four); spreading a build over several GPUs is what it is for, not measured here.
 
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
