@@ -66,15 +66,17 @@ def test_deepspeed_launch_leaves_no_shared_memory_behind(tmp_path):
         "from dopsd.dist import init_distributed\n"
         "info = init_distributed(deepspeed=True)\n"
         "backend = dc.comm.cdb\n"
-        "print('SHM', info.rank, os.environ.get('LOCAL_SIZE'), backend.shm_comm_op is not None, flush=True)\n")
+        "line = f'SHM {info.rank} {os.environ.get(\"LOCAL_SIZE\")} {backend.shm_comm_op is not None}'\n"
+        f"open(f'{tmp_path}/rank{{info.rank}}.txt', 'w').write(line)\n")  # one file per rank: stdout interleaves
     port = _port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([str(DEEPSPEED), "--num_accelerators", "2", "--master_port", str(port), str(script)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     # the launcher said both ranks are local and the shm op was built: DeepSpeed did create the segments
-    assert sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("SHM")) == [
-        ["0", "2", "True"], ["1", "2", "True"]], r.stdout[-3000:]
+    lines = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert sorted(line.split()[1:] for line in lines if line.startswith("SHM")) == [
+        ["0", "2", "True"], ["1", "2", "True"]], lines
     left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
     assert left == [], left
 
