@@ -84,8 +84,7 @@ def _release_deepspeed_shm(info: DistInfo) -> None:
     fill a laptop's /dev/shm, and later jobs die of memory). A rank's init returns only after it has mapped
     all peers' segments, so after a barrier the names can go: the mappings stay valid and the kernel frees the
     memory when the processes exit, however they exit."""
-    if info.distributed:
-        dist.barrier()
+    barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{info.rank}")
     try:

@@ -73,6 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..dist import all_mean, init_distributed
 from ..sampling import sample_batch as sample
 from .generator import TEXTURES, VOCAB, captions, sample_world
 
@@ -224,12 +225,6 @@ def _average_grads(params: list[torch.nn.Parameter]) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.device) / world if used else None
         offset += n
-
-
-def _global_mean(value: float) -> float:
-    from ..dist import all_mean
-
-    return all_mean(value)
 
 
 def build_backend(components: dict, settings: ToyBaseSettings, trainable: bool):
@@ -483,14 +478,14 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if (step + 1) % 100 == 0:
-            log.info("pretrain %d/%d loss %.4f (%.0fs)", step + 1, s.pretrain_steps, _global_mean(ema),
+            log.info("pretrain %d/%d loss %.4f (%.0fs)", step + 1, s.pretrain_steps, all_mean(ema),
                      time.time() - t0)
-        if monitor is not None and (step + 1) % 1000 == 0 and _rank_world()[0] == 0:
+        if monitor is not None and (step + 1) % 1000 == 0:
             transformer.eval()
             log.info("pretrain %d: %s", step + 1, monitor())
             transformer.train()
     transformer.eval()
-    return Stage(time.time() - t0, _global_mean(ema))
+    return Stage(time.time() - t0, all_mean(ema))
 
 
 @torch.no_grad()
@@ -562,10 +557,10 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if (step + 1) % 100 == 0:
-            log.info("distill %d/%d loss %.5f (%.0fs)", step + 1, s.distill_steps, _global_mean(ema),
+            log.info("distill %d/%d loss %.5f (%.0fs)", step + 1, s.distill_steps, all_mean(ema),
                      time.time() - t0)
     transformer.eval()
-    return Stage(time.time() - t0, _global_mean(ema))
+    return Stage(time.time() - t0, all_mean(ema))
 
 
 def evaluate(backend, evaluator, s: ToyBaseSettings, num_steps: int, with_image: bool = False) -> dict:
@@ -674,14 +669,14 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                   work: str | Path | None = None) -> dict:
     from ..models.zimage_tiny import build_tiny_components, save_zimage_dir
 
-    from ..dist import init_distributed
-
     s = settings
     work = Path(work) if work else None
     torch.set_num_threads(s.threads)
     info = init_distributed(backend="gloo")  # several processes under torchrun: data parallel (see _local)
     if s.device.startswith("cuda") and info.distributed:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if not info.is_main:
+        evaluator = None  # rank 0 evaluates (also the in-training monitor) and writes the model
     deterministic = torch.are_deterministic_algorithms_enabled()
     if s.device.startswith("cuda"):  # reproducible on the same GPU model and software (cuBLAS needs this)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -713,8 +708,6 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                                                           lambda: pretrain(backend, c, pool, phase, monitor, phase=1))
         backend = build_backend(c, s, trainable=False)
         backend.transformer.eval()
-        if not info.is_main:
-            evaluator = None  # rank 0 evaluates and writes the model
         if evaluator is not None:
             report["base_many_steps"] = evaluate(backend, evaluator, s, s.teacher_steps)
             report["base_4_steps"] = evaluate(backend, evaluator, s, s.turbo_steps)
