@@ -37,6 +37,15 @@ def test_strip_texture_removes_every_texture_phrase():
             assert "  " not in stripped and " ," not in stripped
 
 
+def test_settings_defaults_are_the_shipped_checkpoints():
+    """`python -m dopsd.world.toybase` with no --set reproduces the shipped toy turbo only while the defaults
+    are the settings its report.json records."""
+    from dataclasses import asdict
+
+    shipped = json.loads((TOY / "report.json").read_text())["settings"]
+    assert shipped == json.loads(json.dumps(asdict(ToyBaseSettings())))
+
+
 def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
     tiny = dict(num_images=64, num_unnamed=32, vae_steps=3, vae_batch=8, pretrain_steps=3, incontext_steps=2, batch=8,
                 trajectories=16, teacher_steps=8, distill_steps=2, dit_dim=64, dit_layers=1)
