@@ -115,7 +115,7 @@ class ToyBaseSettings:
     device: str = "cpu"               # where stages 2-3 run (the VAE stage always runs on the CPU)
     size: int = 32
     # network sizes (see zimage_tiny.build_tiny_components)
-    dit_dim: int = 192               # 96 draws blobs (see QUALITY_BAR)
+    dit_dim: int = 192                # 96 draws blobs (see QUALITY_BAR)
     dit_layers: int = 4
     text_hidden: int = 64
     vision_hidden: int = 64
