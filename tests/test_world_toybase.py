@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dopsd.config import ModelConfig
 from dopsd.models import load_backend
@@ -261,9 +261,10 @@ def test_quickstart_config_teaches_the_concept(toy, tmp_path):
     assert before["texture"] <= 0.1 and after["texture"] >= 0.5, (before, after)
 
 
-def test_comparison_smoke_run_writes_its_table(tmp_path):
+def test_comparison_smoke_run_writes_its_table(tmp_path, toy):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_world.py"), "--smoke", "--out",
-                        str(tmp_path / "out")], capture_output=True, text=True, timeout=900, cwd=REPO)
+                        str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| SFT |" in table and "| D-OPSD |" in table and "| base (untuned) |" in table
@@ -274,3 +275,20 @@ def test_comparison_smoke_run_writes_its_table(tmp_path):
         assert 0.0 <= results["report"][method]["few"]["concept_texture"][0] <= 1.0
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
     assert (tmp_path / "out" / "grid_concept_4steps.png").stat().st_size > 0
+    # the post-hoc budgets diagnostic scores the same runs' LoRAs, and a "pre-distillation" stage cache: here
+    # the turbo's weights with noise added, so its row must differ from the turbo's (the cache is what is scored)
+    cache = tmp_path / "incontext-test.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    save_file({f"transformer.{k}": (v + 0.5 * v.abs().mean() * torch.randn(v.shape, generator=gen)).contiguous()
+               for k, v in toy[0].transformer.state_dict().items()}, str(cache))
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_world_budgets.py"), "--smoke", "--out",
+                        str(tmp_path / "out"), "--runs", str(tmp_path / "work"), "--budgets", "1,2",
+                        "--pre-distillation", str(cache)],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.loads((tmp_path / "out" / "budgets.json").read_text())["scores"]
+    assert set(scores) == {"turbo (shipped)", "before step distillation", "SFT", "D-OPSD", "D-OPSD, VLM teacher"}
+    assert scores["before step distillation"]["2"][0]["fd"] != scores["turbo (shipped)"]["2"][0]["fd"]
+    assert all(set(by_budget) == {"1", "2"} for by_budget in scores.values())
+    assert 0.0 <= scores["SFT"]["1"][0]["retention_acc"] <= 1.0
+    assert "| D-OPSD | 2 |" in (tmp_path / "out" / "budgets.md").read_text()
