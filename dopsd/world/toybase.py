@@ -40,10 +40,9 @@ a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `che
 
 Everything is a function of `ToyBaseSettings` (seeded generators, a fixed thread count); rerunning with the
 same settings, torch build and thread count reproduces the weights (the defaults reproduce the shipped
-dopsd/assets/toy_turbo, about 2 h on 2 CPU cores). `report.json` in the output records the settings, the time of
-each stage and the evaluator's scores of the base (many steps) and turbo (4 steps). (The shipped report's VAE,
-pretraining and in-context times include 4, 6 and 1 min when the build shared or yielded the CPU to an experiment:
-uncontended they are 4, 54 and 34 min; trajectories 10 and distillation 15 min.)
+dopsd/assets/toy_turbo in about 2 h on 2 CPU cores: VAE 4, pretraining 54, in-context training 34, trajectories 10,
+distillation 15 min). `report.json` in the output records the settings, the wall time of each stage and the
+evaluator's scores of the base (many steps) and turbo (4 steps).
 
 `--set device=cuda` runs stages 2-3 on a GPU (noise still drawn on the CPU; deterministic algorithms on), and
 `torchrun --nproc_per_node N -m dopsd.world.toybase ...` splits each step's global batch over N processes
