@@ -45,10 +45,11 @@ def models(scorer: bw.Scorer, pre_distillation: str, loras: list[tuple[str, int,
     if pre_distillation:
         from safetensors.torch import load_file
 
-        state = {k[len("transformer."):]: v for k, v in load_file(pre_distillation).items()
-                 if k.startswith("transformer.")}
+        from dopsd.world.toybase import module_state
+
         t = scorer.transformer(None)
-        t.load_state_dict(state, strict=True)  # a cache of other settings fails here, not silently
+        # strict: a cache of other settings fails here, not silently
+        t.load_state_dict(module_state(load_file(pre_distillation), "transformer"), strict=True)
         yield "before step distillation", None, t
     for name, seed, path in loras:
         yield name, seed, scorer.transformer(path)

@@ -627,6 +627,11 @@ def _stage_modules(c: dict, stage: str) -> dict:
             "visual": c["teacher_encoder"].model.visual}
 
 
+def module_state(state: dict, name: str) -> dict:
+    """One module's weights from a stage cache's flat state (keys "<module>.<param>", see `_stage_modules`)."""
+    return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+
+
 def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, run) -> dict:
     """Run a stage, or load its result from `work` when the same settings already produced it (an interrupted
     or re-tuned build does not redo finished stages; the result is the same either way)."""
@@ -639,7 +644,7 @@ def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, ru
     if path is not None and path.exists():
         state = load_file(str(path))
         for name, module in modules.items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+            module.load_state_dict(module_state(state, name))
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
