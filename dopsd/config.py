@@ -70,6 +70,13 @@ class TrainConfig:
     rollout_steps: int = 4  # K
     # Explicit K+1 sigmas (descending, ending at 0); empty: the model's shifted schedule for K steps.
     sigmas: list[float] = field(default_factory=list)
+    # The roll-out schedule when train.sigmas is empty (sampling always uses the pipeline's):
+    # recipe (the authors' training schedules): zimage K=4 [1, .9, .75, .5] -> 0, K=8 their list [1, .9769, .9478,
+    #   .9099, .8586, .7853, .6719, .4732] -> 0, other K: no authors' list, the pipeline's (shift 3 on Turbo);
+    #   flux2_klein: set_timesteps(K, mu) without sigmas=, 1024 px K=4 about [1, .952, .832, .0098] -> 0.
+    # pipeline (the inference pipeline's): zimage shift-3 warp of linspace(1, 1/K, K), K=8 [1, .9545, .9, ...];
+    #   flux2_klein sigmas=linspace(1, 1/K, K) with the same mu, 1024 px K=4 about [1, .967, .908, .767] -> 0.
+    schedule: str = "recipe"
     loss_space: str = "x0"  # x0 | v
     ema_decay: float = 0.9999  # teacher = EMA of the student; 1.0 = frozen teacher
     # "per_step": backward after each roll-out step (states are detached, so the gradient equals one
@@ -230,6 +237,7 @@ _CHOICES = {
     "lora.init": ("gaussian", "zeros"),
     "train.mode": ("lora", "full"),
     "train.objective": ("dopsd", "sft"),
+    "train.schedule": ("recipe", "pipeline"),
     "train.loss_space": ("x0", "v"),
     "train.backward": ("per_step", "once"),
     "train.mixed_precision": ("no", "bf16"),

@@ -3,6 +3,25 @@ from __future__ import annotations
 
 import torch
 
+# Which roll-out schedule a backend's `sigmas(..., schedule=)` returns (config: `train.schedule`).
+# "recipe": the authors' training schedules (their released scripts); "pipeline": the inference pipeline's.
+SCHEDULES = ("recipe", "pipeline")
+
+# The authors' hard-coded Z-Image-Turbo training schedules, K -> K + 1 sigmas (paper.md 2.1 and 9). The 8-step
+# list is close to a shift-6 warp, not the pipeline's shift 3 ([1, .9545, .9, ...]). For other K there is no
+# authors' list; the zimage backend falls back to the pipeline's schedule (shift 3 on Z-Image-Turbo).
+# The released script builds these as bf16 timesteps (t = 1 - sigma: 0.1 becomes 0.10009765625); dopsd keeps
+# them exact (float64 here, float32 in the model call) and does not replicate that rounding.
+ZIMAGE_RECIPE_SIGMAS = {
+    4: (1.0, 0.9, 0.75, 0.5, 0.0),
+    8: (1.0, 0.9769, 0.9478, 0.9099, 0.8586, 0.7853, 0.6719, 0.4732, 0.0),
+}
+
+
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """The time-shift warp s' = shift * s / (1 + (shift - 1) * s).

@@ -39,8 +39,10 @@ class Backend(Protocol):
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         ...
 
-    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> list[float]:
-        """K+1 descending sigmas ending at 0: the model's own few-step schedule."""
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...], schedule: str = "pipeline") -> list[float]:
+        """K+1 descending sigmas ending at 0. schedule="pipeline" (the default, used for sampling): the model's
+        inference pipeline's few-step schedule; "recipe": the authors' training schedule (`train.schedule`);
+        anything else raises ValueError."""
 
     def schedule_shift(self, latent_shape: tuple[int, ...]) -> float:
         """The time-shift factor the model's schedule applies (used to draw SFT noise levels)."""

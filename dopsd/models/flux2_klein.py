@@ -20,7 +20,8 @@ Conventions follow `diffusers.Flux2KleinPipeline` (0.42):
 - time: the DiT takes t = sigma (the pipeline passes scheduler timestep / 1000) and predicts v = noise - data,
   which the scheduler integrates as x + (sigma_next - sigma) v; no negation;
 - schedule: `FlowMatchEulerDiscreteScheduler.set_timesteps(K, sigmas=linspace(1, 1/K, K), mu)` with
-  mu = `compute_empirical_mu(h*w, K)`;
+  mu = `compute_empirical_mu(h*w, K)` (inference, `schedule="pipeline"`); the authors' training script omits
+  `sigmas=` (`schedule="recipe"`, `train.schedule`);
 - guidance: `guidance=None` in every call, as the klein pipeline does (klein is step-distilled; its DiT has no
   guidance embedding). No classifier-free guidance for distilled checkpoints (`is_distilled`).
 """
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from .diffusers_io import DTYPES, DiffusersIO, freeze, transformer_factory
+from ..schedule import check_schedule
 
 log = logging.getLogger(__name__)
 
@@ -299,14 +301,27 @@ class Flux2KleinBackend(DiffusersIO):
 
         return compute_empirical_mu(image_seq_len=latent_shape[-2] * latent_shape[-1], num_steps=num_steps)
 
-    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> list[float]:
-        """The pipeline's schedule, computed by its own scheduler: K+1 values ending at 0."""
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...], schedule: str = "pipeline") -> list[float]:
+        """K+1 values ending at 0, computed by the model's own scheduler with mu = compute_empirical_mu(h*w, K).
+
+        "pipeline" (`Flux2KleinPipeline`, inference): `set_timesteps(K, sigmas=linspace(1, 1/K, K), mu)`; at
+        1024 px (64 x 64 tokens) and K=4 about [1, .967, .908, .767] -> 0.
+        "recipe" (the authors' released training script): `set_timesteps(K, mu)` without `sigmas=`, so the base
+        grid is the scheduler's own linspace(1, 1/num_train_timesteps) before the mu warp; at 1024 px and K=4
+        about [1, .952, .832, .0098] -> 0 (the last step lands almost on clean data). The script builds its
+        timesteps in bf16; that rounding is not replicated here (float32, as the scheduler computes).
+        """
         import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        check_schedule(schedule)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        base = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
-        scheduler.set_timesteps(num_steps, sigmas=base, mu=self._mu(latent_shape, num_steps))
+        mu = self._mu(latent_shape, num_steps)
+        if schedule == "recipe":
+            scheduler.set_timesteps(num_steps, mu=mu)
+        else:
+            base = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+            scheduler.set_timesteps(num_steps, sigmas=base, mu=mu)
         return [float(s) for s in scheduler.sigmas]
 
     def schedule_shift(self, latent_shape: tuple[int, ...]) -> float:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import refuse_references
 from .diffusers_io import DTYPES, DiffusersIO, freeze, transformer_factory
-from ..schedule import few_step_sigmas
+from ..schedule import ZIMAGE_RECIPE_SIGMAS, check_schedule, few_step_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,19 @@ class ZImageBackend(DiffusersIO):
         mu = base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
         return math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
 
-    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> list[float]:
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...], schedule: str = "pipeline") -> list[float]:
+        """K+1 sigmas ending at 0.
+
+        "pipeline": what `ZImagePipeline` computes for K steps: linspace(1, 1/K, K) through the scheduler's shift
+        (static shift 3 on Z-Image-Turbo: K=4 [1, .9, .75, .5], K=8 [1, .9545, .9, .8333, ...] -> 0; the
+        resolution-dependent mu of `calculate_shift` when the config has dynamic shifting).
+        "recipe": the authors' hard-coded training lists (`ZIMAGE_RECIPE_SIGMAS`): K=4 [1, .9, .75, .5] -> 0,
+        K=8 [1, .9769, .9478, .9099, .8586, .7853, .6719, .4732] -> 0; for any other K no authors' list exists
+        and this is the pipeline's schedule (shift 3 on Z-Image-Turbo). No bf16 rounding of the lists.
+        """
+        check_schedule(schedule)
+        if schedule == "recipe" and num_steps in ZIMAGE_RECIPE_SIGMAS:
+            return list(ZIMAGE_RECIPE_SIGMAS[num_steps])
         return few_step_sigmas(num_steps, self.schedule_shift(latent_shape))
 
     # ------------------------------------------------------------------------------------------------
