@@ -68,9 +68,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .export import export_files
 
-    print(f"wrote {export_checkpoint(args.checkpoint, args.out_dir)}")
+    try:
+        paths = export_files(args.checkpoint, args.out_dir, args.format)
+    except ValueError as e:  # a format the checkpoint cannot take, a LoRA outside ComfyUI's key map
+        print(f"dopsd: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 
@@ -123,9 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="diffusers-loadable weights from a checkpoint (offline, one process)")
+    p = sub.add_parser("export", help="diffusers- or ComfyUI-loadable weights from a checkpoint (offline, one process)")
     p.add_argument("checkpoint", help="a complete checkpoint directory, e.g. runs/x/checkpoints/step_00002000")
     p.add_argument("out_dir")
+    p.add_argument("--format", choices=("diffusers", "comfyui", "both"), default="diffusers",
+                   help="LoRA runs: diffusers (pytorch_lora_weights.safetensors, the default), comfyui "
+                        "(comfyui_lora.safetensors: ComfyUI key names with alpha tensors, for LoraLoaderModelOnly) "
+                        "or both")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="few-step samples from a base model and an optional LoRA")

@@ -1,8 +1,10 @@
-"""`dopsd export CHECKPOINT_DIR OUT_DIR`: deployable weights from a checkpoint, offline, in one process.
+"""`dopsd export CHECKPOINT_DIR OUT_DIR [--format diffusers|comfyui|both]`: deployable weights from a checkpoint,
+offline, in one process.
 
 Works on checkpoints of either engine: DeepSpeed ZeRO shards are consolidated with DeepSpeed's own
 `zero_to_fp32` reader; torch-engine checkpoints hold the trained tensors directly. The result is the
-student LoRA in the diffusers format (LoRA runs) or the transformer in the `save_pretrained` layout.
+student LoRA in the diffusers format (LoRA runs) or the transformer in the `save_pretrained` layout; for LoRA
+runs `comfyui` writes the ComfyUI file instead (`dopsd.export_comfyui`), `both` writes the two.
 """
 from __future__ import annotations
 
@@ -28,15 +30,28 @@ def trained_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="engine")
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+FORMATS = ("diffusers", "comfyui", "both")
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "diffusers") -> Path:
+    """The exported file or folder (`fmt` both: the diffusers file; `export_files` lists all)."""
+    return export_files(checkpoint, out_dir, fmt)[0]
+
+
+def export_files(checkpoint: str | Path, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:
     from .models import load_backend
     from .teacher import STUDENT
     from .trainer import add_lora_adapters
 
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     checkpoint, out = Path(checkpoint), Path(out_dir)
     if not ckpt.is_complete(checkpoint):
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {ckpt.MARKER} marker)")
     cfg = load_config(checkpoint / "config.yaml")
+    if cfg.train.mode != "lora" and fmt != "diffusers":
+        raise ValueError(f"--format {fmt}: the ComfyUI export is for LoRA runs; {checkpoint} is a full fine-tune "
+                         "(export it with --format diffusers: the transformer in the save_pretrained layout)")
     backend = load_backend(cfg.model, device="cpu")
     module = backend.transformer
     state = trained_state(checkpoint)
@@ -54,7 +69,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
                 p.copy_(state[n])
         meta = module.peft_config[STUDENT].to_dict()
         meta["target_modules"] = sorted(meta["target_modules"])
-        path = backend.save_lora(get_peft_model_state_dict(module, adapter_name=STUDENT), meta, out)
+        lora = get_peft_model_state_dict(module, adapter_name=STUDENT)
+        paths = []
+        if fmt in ("diffusers", "both"):
+            paths.append(backend.save_lora(lora, meta, out, comfyui=False))
+        if fmt in ("comfyui", "both"):
+            paths.append(backend.save_comfyui_lora(lora, meta, out))
     else:
         own = module.state_dict()
         unknown = state.keys() - own.keys()
@@ -62,6 +82,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             raise ValueError(f"{checkpoint}: tensors that the model does not have, e.g. {sorted(unknown)[:3]}")
         own.update({k: v.to(own[k].dtype) for k, v in state.items()})
         module.load_state_dict(own)
-        path = backend.save_transformer(module, out)
-    log.info("exported %s -> %s", checkpoint, path)
-    return path
+        paths = [backend.save_transformer(module, out)]
+    for path in paths:
+        log.info("exported %s -> %s", checkpoint, path)
+    return paths

@@ -1,12 +1,16 @@
 """What every backend built on a diffusers pipeline class does the same way: LoRA files in the diffusers
-format, full weights in the `save_pretrained` layout, and the Triton kernel patch."""
+format (and a ComfyUI copy beside them, `dopsd.export_comfyui`), full weights in the `save_pretrained` layout, and
+the Triton kernel patch."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class DiffusersIO:
@@ -18,12 +22,39 @@ class DiffusersIO:
 
         return getattr(diffusers, self.pipeline_name)
 
-    def save_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
+    def save_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path,
+                  comfyui: bool = True) -> Path:
+        """The diffusers file (returned); with `comfyui`, also the ComfyUI file beside it (`save_comfyui_lora`),
+        skipped with a warning when ComfyUI's key map for this family cannot take the LoRA's modules."""
         out_dir.mkdir(parents=True, exist_ok=True)
         # The metadata carries rank and alpha; without it the loader assumes alpha == rank.
         self._pipeline().save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
                                            transformer_lora_adapter_metadata=metadata)
+        if comfyui and self.comfyui_keys is not None:
+            try:
+                self.save_comfyui_lora(state_dict, metadata, out_dir)
+            except ValueError as e:
+                log.warning("no ComfyUI LoRA file written in %s: %s", out_dir, e)
         return out_dir / "pytorch_lora_weights.safetensors"
+
+    @property
+    def comfyui_keys(self):
+        """How ComfyUI names this family's modules (`dopsd.export_comfyui.ComfyUIKeys`), None if it has no
+        mapping; a backend may override it."""
+        from ..export_comfyui import KEYS
+
+        return KEYS.get(getattr(self, "name", ""))
+
+    def save_comfyui_lora(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
+        """The same LoRA as a ComfyUI file (`out_dir/comfyui_lora.safetensors`): keys ComfyUI's key map for this
+        family accepts, with `<module>.alpha` tensors so that ComfyUI applies the trained alpha / rank.
+        ValueError when the family has no mapping or a module is outside it."""
+        from ..export_comfyui import save_comfyui_lora
+
+        keys = self.comfyui_keys
+        if keys is None:
+            raise ValueError(f"no ComfyUI key mapping for the {getattr(self, 'name', type(self).__name__)} backend")
+        return save_comfyui_lora(keys, state_dict, metadata, out_dir)
 
     def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
         """Load a diffusers-format LoRA (file or folder) exactly as the pipeline's `load_lora_weights` does,
