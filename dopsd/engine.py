@@ -1,6 +1,6 @@
 """Engines own the optimizer, backward, the step, and their part of a checkpoint.
 
-`TorchEngine` (one process, plain PyTorch) lives here; `DeepSpeedEngine` (ZeRO-2/3) in engine_deepspeed.py
+`TorchEngine` (plain PyTorch: one process, or data-parallel ranks under torchrun / srun) lives here; `DeepSpeedEngine` (ZeRO-2/3) in engine_deepspeed.py
 implements the same surface:
   model           what to call for forwards (the DeepSpeed engine wraps the module: its forward keeps ZeRO's
                   gradient-accumulation bookkeeping right when backward runs several times per step)
@@ -18,11 +18,22 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
 class TorchEngine:
-    """Single-process PyTorch: AdamW, global-norm clipping, non-finite steps skipped (never applied)."""
+    """Plain PyTorch: AdamW, global-norm clipping, non-finite steps skipped (never applied).
+
+    With several processes it is data-parallel, as DDP is: every rank starts from rank 0's trainable
+    weights, and before clipping every gradient is averaged over the ranks (one flat all-reduce per dtype),
+    so all ranks apply the same update and stay equal. Why not the DDP wrapper itself: a D-OPSD step runs
+    K student forwards, backpropagates each one (or one sum of them, or stops early at a non-finite term),
+    and interleaves no-grad teacher forwards through the same module; DDP's reducer expects one synchronised
+    backward per forward. Averaging once per step after the last backward computes what DDP would, and the
+    step's communication is one all-reduce instead of K (its cost: no overlap of communication with the
+    backward). Rank 0 alone writes the (identical) engine state; every rank reads it on resume.
+    """
 
     zero_stage = 0
 
@@ -34,7 +45,43 @@ class TorchEngine:
             raise ValueError("no trainable parameters")
         self.params = list(self.named_params.values())
         self.grad_clip = grad_clip
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.world_size > 1:
+            self._broadcast_from_main(self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @staticmethod
+    def _comm_device(t: torch.Tensor) -> torch.device:
+        return t.device if dist.get_backend() != "gloo" else torch.device("cpu")
+
+    def _broadcast_from_main(self, tensors: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for group in _by_dtype(tensors):
+                flat = torch.cat([t.detach().reshape(-1) for t in group])
+                device = self._comm_device(flat)
+                buf = flat.to(device)
+                dist.broadcast(buf, src=0)
+                offset = 0
+                for t in group:
+                    t.copy_(buf[offset:offset + t.numel()].view_as(t).to(t.device))
+                    offset += t.numel()
+
+    def _average_gradients(self) -> None:
+        """Sum of every rank's gradient / world size, written back into `.grad` (a missing grad counts as 0:
+        every rank made the same calls, so they agree on which parameters have one)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for group in _by_dtype([p.grad for p in self.params]):
+            flat = torch.cat([g.reshape(-1) for g in group])
+            buf = flat.to(self._comm_device(flat))
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf /= self.world_size
+            offset = 0
+            for g in group:
+                g.copy_(buf[offset:offset + g.numel()].view_as(g).to(g.device))
+                offset += g.numel()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -43,7 +90,10 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> tuple[float, bool]:
-        """Clip and step. Returns (grad norm before clipping, whether the step was applied)."""
+        """Average over ranks, clip and step. Returns (grad norm before clipping, whether the step was applied);
+        the norm is of the averaged gradient, so every rank takes the same decision."""
+        if self.world_size > 1:
+            self._average_gradients()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(norm):
@@ -60,6 +110,8 @@ class TorchEngine:
     def save(self, checkpoint: Path) -> None:
         from safetensors.torch import save_file
 
+        if self.rank != 0:  # data-parallel ranks hold the same state; one copy is written
+            return
         directory = checkpoint / "engine"
         directory.mkdir(parents=True, exist_ok=True)
         save_file({n: p.detach().contiguous() for n, p in self.named_params.items()},
@@ -89,6 +141,13 @@ class TorchEngine:
 
     def wrap_frozen(self, module: nn.Module) -> nn.Module:
         return module
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
 
 
 def build_engine(cfg, module: nn.Module):
