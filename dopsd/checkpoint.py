@@ -5,11 +5,18 @@ ZeRO), per rank the teacher/EMA state, the RNG states (torch, CUDA, numpy, pytho
 (step, data position, counters). It is complete only when the `COMPLETE` marker exists, written by rank 0
 after every rank finished writing; `latest` only ever names a complete checkpoint, and resuming from
 `latest` picks the newest complete one even if the pointer file is stale or missing.
+
+The marker also lists every file of the checkpoint with its size and CRC-32 (computed by all ranks, each a
+share of the files, once they have written). A resume checks them first: a truncated or overwritten file in
+the newest complete checkpoint makes `latest` fall back to the previous one with a warning, and an explicit
+checkpoint with a damaged file is refused, before anything is loaded. Checkpoints written before the list
+existed are trusted as they are.
 """
 from __future__ import annotations
 
 import json
 import os
+import zlib
 import random
 import shutil
 import time
@@ -43,6 +50,10 @@ def find_latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from (damaged, or written by another world size / batch / run length)."""
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """'' -> None; 'latest' -> newest complete checkpoint or None (fresh start); a path -> that checkpoint,
     which must be complete."""
@@ -56,9 +67,65 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def mark_complete(path: Path, root: Path, info: dict, keep: int) -> None:
-    """Rank 0, after a barrier that follows every rank's writes."""
-    (path / MARKER).write_text(json.dumps({**info, "time": time.time()}))
+def resume_candidates(resume: str, root: Path) -> list[Path]:
+    """The checkpoints a resume may use, preferred first: for 'latest' every complete one, newest first (a
+    damaged one falls back to the one before it); for a path that checkpoint alone; none for ''."""
+    if not resume:
+        return []
+    if resume == LATEST:
+        return complete_checkpoints(root)[::-1]
+    return [resolve_resume(resume, root)]
+
+
+# --- file list with sizes and checksums, in the COMPLETE marker ---
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MARKER)
+
+
+def _crc32(file: Path) -> str:
+    crc = 0
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def describe_files(path: Path, rank: int = 0, world: int = 1) -> dict[str, list]:
+    """{relative file: [size, crc32]} for this rank's share of the checkpoint's files (every world-th one)."""
+    return {name: [(path / name).stat().st_size, _crc32(path / name)]
+            for i, name in enumerate(_files(path)) if i % world == rank}
+
+
+def damaged_files(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with this rank's share of the files the marker lists (missing, other size, other
+    checksum); [] when all match or when the marker predates file lists."""
+    try:
+        listed = json.loads((path / MARKER).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return [f"{MARKER}: unreadable ({e})"]
+    if not isinstance(listed, dict):
+        return []
+    problems = []
+    for i, (name, (size, crc)) in enumerate(sorted(listed.items())):
+        if i % world != rank:
+            continue
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name}: {file.stat().st_size} bytes, {size} when written")
+        elif _crc32(file) != crc:
+            problems.append(f"{name}: checksum differs from when it was written")
+    return problems
+
+
+def mark_complete(path: Path, root: Path, info: dict, keep: int, files: dict | None = None) -> None:
+    """Rank 0, after a barrier that follows every rank's writes; `files` from describe_files (all shares)."""
+    marker = {**info, "time": time.time()}
+    if files is not None:
+        marker["files"] = files
+    (path / MARKER).write_text(json.dumps(marker))
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(path.name + "\n")
     os.replace(tmp, root / LATEST)  # atomic: the pointer is old or new, never half-written
@@ -113,8 +180,14 @@ def load_rank_state(path: Path, rank: int) -> tuple[dict, dict, dict[str, torch.
 
     state_file = path / f"rank{rank:05d}_state.pt"
     if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file} is missing: was the checkpoint written with another world size?")
-    state = torch.load(state_file, weights_only=True)
+        raise CheckpointError(f"{state_file} is missing: was the checkpoint written with another world size?")
+    try:
+        state = torch.load(state_file, weights_only=True)
+    except Exception as e:  # a damaged zip raises RuntimeError, pickle errors, EOFError ... by version
+        raise CheckpointError(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
     teacher_file = path / f"rank{rank:05d}_teacher.safetensors"
-    teacher = load_file(teacher_file) if teacher_file.is_file() else None
+    try:
+        teacher = load_file(teacher_file) if teacher_file.is_file() else None
+    except Exception as e:  # safetensors raises SafetensorError on bad headers
+        raise CheckpointError(f"{teacher_file} is unreadable ({type(e).__name__}: {e})") from None
     return state["trainer"], state["rng"], teacher

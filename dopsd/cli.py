@@ -25,14 +25,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    from .preemption import Preempted, preempted_exit
+    from .preemption import INTERRUPTED_EXIT_CODE, Interrupted, Preempted, preempted_exit
 
     try:
         summary = Trainer(cfg).fit()
     except Preempted as e:
+        if e.signal_name == "SIGINT":  # Ctrl-C: a checkpoint, and no requeue
+            print(f"dopsd: interrupted by Ctrl-C after step {e.step}; checkpoint {e.checkpoint}; continue with "
+                  f"--resume latest (exit {INTERRUPTED_EXIT_CODE})", file=sys.stderr)
+            return INTERRUPTED_EXIT_CODE
         code = preempted_exit(e.step)
         print(f"dopsd: {e}; exit {code} (requeue and resume with --resume latest)", file=sys.stderr)
         return code
+    except Interrupted as e:
+        print(f"dopsd: {e} (exit {INTERRUPTED_EXIT_CODE})", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     print(f"final weights: {summary['final']}")
     if summary.get("samples"):
         print(f"samples: {summary['samples']}")
@@ -191,14 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "seed", None) is None and args.command == "sample":
         args.seed = [0]
+    from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data.wds_source import DataError
     from .dist import RendezvousTimeout
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError, CheckpointError) as e:
         print(f"dopsd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, sampling, writing shards)
+        print("dopsd: interrupted", file=sys.stderr)
+        return 130
     except RendezvousTimeout as e:
         print(f"dopsd: error: {e}", file=sys.stderr)
         return 3

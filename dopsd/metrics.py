@@ -44,14 +44,21 @@ class StepTimer:
 class RunLog:
     """One JSON object per line in `log.jsonl`, mirrored to TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resumed_at: int | None = None):
+        """`resumed_at`: the step a resumed run continues from. The records of later steps that a crashed or
+        stopped run logged after that checkpoint are dropped (the resumed run logs those steps again), in
+        log.jsonl and in TensorBoard (purge_step), so that plots never count a step twice."""
         self.path = run_dir / "log.jsonl"
+        self.dropped = 0
+        if resumed_at is not None and self.path.is_file():
+            self.dropped = _drop_records_after(self.path, resumed_at)
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                     purge_step=None if resumed_at is None else resumed_at + 1)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -65,3 +72,24 @@ class RunLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_records_after(path: Path, step: int) -> int:
+    """Rewrite a JSONL log without the step records past `step` (events are kept); atomic. Returns how many
+    were dropped. A torn last line (the process died while writing it) is dropped too."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped

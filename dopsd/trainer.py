@@ -24,9 +24,9 @@ from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, bro
                    init_distributed)
 from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
-from .models import load_backend, make_tiny_model
+from .models import check_model_paths, load_backend, make_tiny_model
 from .objectives import distill_loss, dopsd_objective, sft_objective
-from .preemption import Preempted, StopSignals
+from .preemption import Interrupted, Preempted, StopSignals
 from .sampling import generate, save_grid
 from .teacher import STUDENT, TEACHER, EmaTeacher, set_active_adapter
 
@@ -76,6 +76,8 @@ class Trainer:
             logging.getLogger().setLevel(logging.WARNING)
         torch.manual_seed(t.seed)
 
+        # Everything that can be checked without model weights is checked first: a mistake in the data, a path
+        # or the checkpoint to resume costs seconds, not the load of a large model.
         model_dir = Path(cfg.model.path)
         if self.is_main and not model_dir.exists():
             if not cfg.model.make_tiny_if_missing:
@@ -83,13 +85,25 @@ class Trainer:
             log.info("building the tiny %s checkpoint at %s", cfg.model.backend, model_dir)
             make_tiny_model(cfg.model.backend, str(model_dir), seed=cfg.model.tiny_seed)
         barrier()
+        live_teacher = t.objective == "dopsd" and not (cfg.data.type == "webdataset" and cfg.data.cached_features)
+        check_model_paths(cfg.model, teacher_encoder=live_teacher)
+        ds_config = None
+        if use_ds:
+            from .engine_deepspeed import build_ds_config
+
+            ds_config = build_ds_config(cfg)
+        self.data = build_data(cfg, self.info.rank, self.info.world_size)
+        if self.data.skipped and self.is_main:
+            log.warning("data: skipped %d bad samples %s", sum(self.data.skipped.values()), dict(self.data.skipped))
+        self._resume_from = self._plan_resume()
+        if self._resume_from is not None:
+            self._check_resume_state(self._resume_from["path"], self._resume_from["state"])
 
         loader = None
-        if use_ds:
-            from .engine_deepspeed import build_ds_config, zero3_transformer_loader
+        if ds_config is not None and ds_config["zero_optimization"].get("stage", 0) >= 3:
+            from .engine_deepspeed import zero3_transformer_loader
 
-            if build_ds_config(cfg)["zero_optimization"].get("stage", 0) >= 3:
-                loader = zero3_transformer_loader(build_ds_config(cfg))
+            loader = zero3_transformer_loader(ds_config)
         self.backend = load_backend(cfg.model, device=str(self.device), transformer_loader=loader)
         module = self.backend.transformer
 
@@ -136,11 +150,8 @@ class Trainer:
         self.num_trainable = sum(_numel(p) for p in self.engine.named_params.values())
 
         height, width = cfg.data.resolution
-        self.data = build_data(cfg, self.info.rank, self.info.world_size)
-        if self.data.skipped and self.is_main:
-            log.warning("data: skipped %d bad samples %s", sum(self.data.skipped.values()), dict(self.data.skipped))
         latent_shape = self.backend.latent_shape(t.batch_size, height, width)
-        self.sigmas = list(t.sigmas) or self.backend.sigmas(t.rollout_steps, latent_shape)
+        self.sigmas = list(t.sigmas) or self.backend.sigmas(t.rollout_steps, latent_shape, schedule=t.schedule)
         self._sigmas_by_size = {(height, width): self.sigmas}  # aspect-ratio buckets: schedules by batch size
         self.timer = StepTimer(sync_cuda=self.device.type == "cuda")
         self.step = 0
@@ -172,7 +183,8 @@ class Trainer:
         if size not in self._sigmas_by_size:
             shape = self.backend.latent_shape(images.shape[0], *size)
             self._sigmas_by_size[size] = self.sigmas if self.cfg.train.sigmas else \
-                self.backend.sigmas(self.cfg.train.rollout_steps, shape)
+                self.backend.sigmas(self.cfg.train.rollout_steps, shape,
+                                                                       schedule=self.cfg.train.schedule)
         return self._sigmas_by_size[size]
 
     def train_step(self, batch: dict) -> dict:
@@ -287,27 +299,78 @@ class Trainer:
         ckpt.save_rank_state(path, self.info.rank, state,
                              self.teacher.state_dict() if self.teacher is not None else None)
         barrier()
+        files: dict = {}  # sizes and checksums of everything written, each rank hashing a share
+        for share in all_gather_object(ckpt.describe_files(path, self.info.rank, self.info.world_size)):
+            files.update(share)
         if self.is_main:
-            ckpt.mark_complete(path, self.ckpt_root, {"step": self.step}, self.cfg.checkpoint.keep)
+            ckpt.mark_complete(path, self.ckpt_root, {"step": self.step}, self.cfg.checkpoint.keep, files=files)
             log.info("checkpoint %s", path)
         barrier()
         return path
 
+    def _plan_resume(self) -> dict | None:
+        """Choose the checkpoint to resume from and check it against this run, before any weight is loaded.
+
+        Every rank checks a share of the files the COMPLETE marker lists; a damaged newest checkpoint falls
+        back to the one before it under `latest` (with a warning) and is refused when named explicitly. Then
+        the saved run state must fit: same world size and batch (the data position and every sample's noise
+        depend on them) and a step not past train.steps. Every rank takes the same decision."""
+        c = self.cfg.checkpoint
+        try:
+            candidates = broadcast_object(ckpt.resume_candidates(c.resume, self.ckpt_root) if self.is_main else None)
+        except FileNotFoundError as e:  # an explicit path that is not a complete checkpoint: on rank 0 only
+            raise ckpt.CheckpointError(str(e)) from None
+        for path in candidates:
+            problems = [p for share in all_gather_object(ckpt.damaged_files(path, self.info.rank,
+                                                                              self.info.world_size)) for p in share]
+            if not problems:
+                try:  # rank 0's state says how the checkpoint was written; read it now, it is small
+                    verdict = ckpt.load_rank_state(path, 0)[0] if self.is_main else None
+                except ckpt.CheckpointError as e:
+                    verdict = str(e)
+                verdict = broadcast_object(verdict)
+                if isinstance(verdict, dict):
+                    return {"path": path, "state": verdict}
+                problems = [verdict]
+            detail = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            if c.resume != ckpt.LATEST:
+                raise ckpt.CheckpointError(f"checkpoint.resume: {path} is damaged: {detail}")
+            if self.is_main:
+                log.warning("checkpoint %s is damaged (%s); falling back to the previous complete checkpoint",
+                            path, detail)
+        if c.resume and self.is_main:
+            log.info("checkpoint.resume=%s: no usable complete checkpoint yet, starting fresh", c.resume)
+        return None
+
+    def _check_resume_state(self, path: Path, state: dict) -> None:
+        t = self.cfg.train
+        saved = (state["world_size"], state["batch_size"])
+        if saved != (self.info.world_size, t.batch_size):
+            raise ckpt.CheckpointError(
+                f"{path} was written by {saved[0]} ranks x batch {saved[1]} (global batch {saved[0] * saved[1]}); "
+                f"this run has {self.info.world_size} ranks x batch {t.batch_size}. Resuming needs the same "
+                f"world size and train.batch_size (the data position and every sample's noise depend on them): "
+                f"relaunch with {saved[0]} ranks and --set train.batch_size={saved[1]}, or start a new output.dir")
+        if state["step"] > t.steps:
+            raise ckpt.CheckpointError(
+                f"{path} is at step {state['step']}, past train.steps={t.steps}: nothing to train, and its weights "
+                f"are not those of step {t.steps}. Raise train.steps, or resume from an earlier checkpoint "
+                f"(--resume {self.ckpt_root}/step_XXXXXXXX)")
+
     def resume(self) -> Path | None:
-        path = broadcast_object(ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
-                                if self.is_main else None)
-        if path is None:
-            if self.cfg.checkpoint.resume and self.is_main:
-                log.info("checkpoint.resume=%s: no complete checkpoint yet, starting fresh", self.cfg.checkpoint.resume)
+        plan = self._resume_from
+        if plan is None:
             return None
-        self.engine.load(path)
+        path = plan["path"]
         state, rng, teacher_state = ckpt.load_rank_state(path, self.info.rank)
-        if (state["world_size"], state["batch_size"]) != (self.info.world_size, self.cfg.train.batch_size):
-            raise ValueError(f"{path} was written by {state['world_size']} ranks x batch {state['batch_size']}; "
-                             f"resuming needs the same (data position and noise depend on it)")
+        try:
+            self.engine.load(path)
+        except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:  # damage the file list missed
+            raise ckpt.CheckpointError(f"{path}: the engine state does not load ({type(e).__name__}: {e}); "
+                                       f"resume from an earlier checkpoint with --resume PATH") from None
         if self.teacher is not None:
             if teacher_state is None:
-                raise FileNotFoundError(f"{path} holds no teacher state for rank {self.info.rank}")
+                raise ckpt.CheckpointError(f"{path} holds no teacher state for rank {self.info.rank}")
             self.teacher.load_state_dict(teacher_state)
         ckpt.restore_rng(rng)
         self.step = state["step"]
@@ -319,9 +382,15 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        run_log = RunLog(self.run_dir, tensorboard=cfg.output.tensorboard) if self.is_main else None
         self._base_samples = self.validation_images()  # before any resume: the base model's samples
         resumed = self.resume()
+        run_log = None
+        if self.is_main:
+            run_log = RunLog(self.run_dir, tensorboard=cfg.output.tensorboard,
+                             resumed_at=self.step if resumed else None)
+            if run_log.dropped:
+                log.info("log.jsonl: dropped %d records of steps after %d, logged before this resume", run_log.dropped,
+                         self.step)
         shards = all_gather_object(sum(self.engine.local(p).numel() for p in self.module.parameters()))
         if self.is_main:
             log.info("run %s: %s, %s, %s engine x %d ranks, %d trainable parameters, sigmas %s", self.run_dir,
@@ -365,11 +434,12 @@ class Trainer:
                 last = self.step == cfg.train.steps
                 # every rank decides together: a signal can reach the ranks a step apart
                 if not last and not all_true(stop.requested is None):
+                    reasons = [r for r in all_gather_object(stop.requested) if r]  # Ctrl-C anywhere wins
+                    reason = "SIGINT" if "SIGINT" in reasons else reasons[0]
                     path = self.save_checkpoint()
                     if self.is_main:
-                        log.warning("stop requested (%s): checkpoint written at step %d, exiting for requeue",
-                                    stop.requested or "another rank", self.step)
-                    raise Preempted(self.step, stop.requested or "peer", str(path))
+                        log.warning("stop requested (%s): checkpoint written at step %d, exiting", reason, self.step)
+                    raise Preempted(self.step, reason, str(path))
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
                     self.save_checkpoint()
                 if cfg.output.save_every and self.step % cfg.output.save_every == 0 and not last:
@@ -377,10 +447,8 @@ class Trainer:
                 if cfg.validation.every and self.step % cfg.validation.every == 0 and not last:
                     self.save_samples(f"step_{self.step:06d}")
         except KeyboardInterrupt:
-            if not self.info.distributed:  # a lone process can save alone; ranks would wait on each other
-                log.warning("interrupted at step %d; saving a checkpoint", self.step)
-                self.save_checkpoint()
-            raise
+            # A second Ctrl-C, maybe inside a step: the state may be half-updated, so nothing is saved from it.
+            raise Interrupted(self.step, ckpt.find_latest(self.ckpt_root) if self.is_main else None) from None
         finally:
             bar.close()
             stop.restore()

@@ -239,3 +239,41 @@ def test_zero3_with_the_reference_teacher_matches_single_process(tiny_model_dir,
     assert sorted(a) == sorted(b) == [1, 2]
     for step in a:
         assert _close(a[step]["loss"], b[step]["loss"], 1e-4), step
+
+
+def test_sigterm_to_the_deepspeed_command_stops_the_ranks_with_a_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    """SIGTERM kills DeepSpeed's runner alone; its launcher and the ranks would train on unsupervised. The
+    ranks notice that the runner is gone, finish the step and stop with a complete checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    steps = 200
+    run = tmp_path / "run"
+    cfg = _zero3(_config(tiny_model_dir, data_dir, run, train={"steps": steps}, checkpoint={"every": 0},
+                         validation={"prompts": []}))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([str(DEEPSPEED), "--num_accelerators", "2", "--master_port", str(_port()), "--module",
+                             "dopsd.train", "--config", str(path)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and _losses(run)):
+        time.sleep(0.1)
+    assert _losses(run), "the run never logged a step"
+    tree = psutil.Process(proc.pid).children(recursive=True)  # the launcher and the two ranks
+    assert len(tree) >= 3, tree
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0  # the runner dies at once (143)
+    gone, alive = psutil.wait_procs(tree, timeout=300)
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks kept running after the deepspeed command was terminated"
+    latest = ckpt.find_latest(run / "checkpoints")
+    stopped_at = max(_losses(run))
+    assert latest is not None and latest.name == f"step_{stopped_at:08d}" and stopped_at < steps
+    assert ckpt.damaged_files(latest) == []
+    assert "the deepspeed runner exited" in (run / "train.log").read_text()

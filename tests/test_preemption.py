@@ -1,5 +1,5 @@
-"""SIGTERM / SIGUSR1 to a training process: finish the step, write a complete checkpoint, exit 99; resuming
-continues the run exactly."""
+"""SIGTERM / SIGUSR1 to a training process: finish the step, write a complete checkpoint, exit 99; Ctrl-C
+(SIGINT) likewise, with exit 130 and one line instead of a traceback; resuming continues the run exactly."""
 import json
 import os
 import signal
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dopsd import checkpoint as ckpt
-from dopsd.preemption import PREEMPTED_EXIT_CODE
+from dopsd.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 
 def _losses(run):
@@ -23,7 +23,7 @@ def _losses(run):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_signal_stops_with_checkpoint_and_resume_is_exact(make_config, tmp_path, sig):
     from dopsd.trainer import Trainer
 
@@ -43,8 +43,13 @@ def test_signal_stops_with_checkpoint_and_resume_is_exact(make_config, tmp_path,
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
-    assert f"stopped by {signal.Signals(sig).name}" in err
+    if sig == signal.SIGINT:
+        assert proc.returncode == INTERRUPTED_EXIT_CODE, err[-2000:]
+        assert "dopsd: interrupted by Ctrl-C after step" in err and "--resume latest" in err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    else:
+        assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+        assert f"stopped by {signal.Signals(sig).name}" in err
     latest = ckpt.find_latest(tmp_path / "stopped/checkpoints")
     stopped_at = max(_losses(tmp_path / "stopped"))
     assert latest is not None and latest.name == f"step_{stopped_at:08d}" and stopped_at < steps
@@ -52,3 +57,19 @@ def test_signal_stops_with_checkpoint_and_resume_is_exact(make_config, tmp_path,
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")
+
+
+def test_second_ctrl_c_stops_at_once():
+    from dopsd.preemption import StopSignals
+
+    stop = StopSignals(watch_launcher=False)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested == "SIGINT"  # the first only asks: the step finishes and a checkpoint is written
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
