@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = [0]
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .data.wds_source import DataError
+    from .data.errors import DataError
     from .dist import RendezvousTimeout
 
     try:

@@ -8,8 +8,16 @@ Targets are resized to `data.resolution`; references keep their (preprocessed) s
 every global batch from samples whose references have the same sizes, so that batches stack on every rank.
 
 One variant is drawn per sample per step, as the recipe does with its prompt fields. Bad samples (no
-caption, unreadable or corrupt image or reference) are skipped with a warning and counted; they never stop a
-run.
+caption, unreadable or corrupt image or reference) are skipped with a warning and counted by kind.
+
+Bad data and data.max_bad_fraction (as for shards, see wds_source.py). The folder is scanned in full when the
+source is built (every image and reference decoded), so the ceiling is checked there, once, on every file: more
+than max_bad_fraction of the folder's samples bad raises DataError before any model is loaded. Like the shard
+reader's running check, it applies once there are 1 / max_bad_fraction samples (100 at the default 0.01; always
+when it is 0): in a smaller folder a fraction says little (2 bad of 5), and the bad files are only skipped. A folder
+with no image, or whose every image is bad, is always a DataError. A file that goes bad after the scan is replaced
+by the next sample of its bucket and counted, but does not stop the run (the scan judged the data).
+Positions record the global batch (train.batch_size x ranks): a resume with another one is a DataError.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import DataError, DataPathError, worker_message
 from .references import folder_layout, load_reference, reference_files, reference_sizes, stack_slots
 
 log = logging.getLogger(__name__)
@@ -71,10 +80,12 @@ class Item:
 
 class FolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, height: int, width: int, placeholder: str = "[V]",
-                 placeholder_replacement: str = "", seed: int = 0):
+                 placeholder_replacement: str = "", seed: int = 0, max_bad_fraction: float = 1.0):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.path: {self.root} is not a directory")
+            what = "does not exist" if not self.root.exists() else "is not a directory"
+            raise DataPathError(f"data.path: {self.root} {what} (data.type=folder needs a folder of images with "
+                                f"captions; for .tar shards set data.type=webdataset)")
         self.height, self.width = height, width
         self.placeholder, self.replacement = placeholder, placeholder_replacement
         self.seed = seed
@@ -83,14 +94,31 @@ class FolderDataset(torch.utils.data.Dataset):
         samples, refs = folder_layout(sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTS))
         for path in samples:
             self._scan(path, refs.get(path.stem, {}))
+        if not samples:
+            raise DataError(f"data.path: no usable image+caption pairs in {self.root}: it holds no "
+                            f"{'/'.join(e[1:] for e in IMAGE_EXTS)} image (put NAME.png beside NAME.txt or NAME.json)")
         if not self.items:
-            raise ValueError(f"data.path: no usable image+caption pairs in {self.root} (skipped: {dict(self.skipped)})")
+            raise DataError(f"data.path: no usable image+caption pairs in {self.root}: all {len(samples)} images are "
+                            f"bad ({self._kinds()}); the warnings above name each file")
+        self._check_ceiling(len(samples), max_bad_fraction)
         self.buckets: dict[tuple, list[int]] = {}  # item indices by reference sizes
         self._place: list[int] = []  # each item's place in its bucket
         for i, item in enumerate(self.items):
             members = self.buckets.setdefault(item.ref_sizes, [])
             self._place.append(len(members))
             members.append(i)
+
+    def _kinds(self) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
+
+    def _check_ceiling(self, total: int, f: float) -> None:
+        bad = self.num_skipped
+        if f >= 1.0 or not bad or (f > 0 and total < 1.0 / f):
+            return
+        if bad > f * total:
+            raise DataError(f"data: {bad} of the {total} samples in {self.root} are bad ({bad / total:.1%} > "
+                            f"data.max_bad_fraction={f}: {self._kinds()}); the warnings above name each file. Fix or "
+                            f"remove them, or raise data.max_bad_fraction")
 
     def _skip(self, kind: str, path: Path, why: str) -> None:
         self.skipped[kind] += 1
@@ -161,7 +189,9 @@ class FolderDataset(torch.utils.data.Dataset):
             if refs:
                 sample["references"] = [to_tensor(r) for r in refs]
             return sample
-        raise RuntimeError(f"data.path: every sample of a reference-size bucket in {self.root} is unreadable")
+        which = "of one reference-size bucket " if item.references else ""
+        raise DataError(f"data.path: every sample {which}in {self.root} has become unreadable since the scan "
+                        f"({len(bucket)} samples, e.g. {item.image.name}); the warnings above name each file")
 
 
 def collate(samples: list[dict]) -> dict:
@@ -184,7 +214,9 @@ class FolderSource:
 
         height, width = cfg.data.resolution
         self.dataset = FolderDataset(cfg.data.path, height, width, cfg.data.placeholder,
-                                     cfg.data.placeholder_replacement, seed=cfg.train.seed)
+                                     cfg.data.placeholder_replacement, seed=cfg.train.seed,
+                                     max_bad_fraction=cfg.data.max_bad_fraction)
+        self.batch_size, self.world = cfg.train.batch_size, world_size
         bucket_ids = {sizes: i for i, sizes in enumerate(self.dataset.buckets)}
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.batch_size, rank, world_size,
                                           seed=cfg.train.seed, shuffle=cfg.data.shuffle,
@@ -200,6 +232,7 @@ class FolderSource:
     def batches(self, position: dict):
         from .sampler import Position
 
+        self.check_position(position)
         start = Position(position.get("epoch", 0), position.get("step_in_epoch", 0))
         positions = self.sampler.iterate(start)
         keys = ([(pos.epoch, i) for i in indices] for pos, indices in self.sampler.iterate(start))
@@ -208,7 +241,22 @@ class FolderSource:
                                                       collate_fn=collate))
         else:
             loaded = (collate([self.dataset[k] for k in batch_keys]) for batch_keys in keys)
-        for batch, (pos, _) in zip(loaded, positions):
+        for pos, _ in positions:
+            try:
+                batch = next(loaded)
+            except DataError as e:  # from a worker: torch wraps its traceback into the message
+                raise DataError(worker_message(e)) from None
             nxt = pos.step_in_epoch + 1
             done = nxt >= self.sampler.steps_per_epoch
-            yield batch, {"epoch": pos.epoch + done, "step_in_epoch": 0 if done else nxt}
+            yield batch, {"epoch": pos.epoch + done, "step_in_epoch": 0 if done else nxt,
+                          "batch_size": self.batch_size, "world_size": self.world}
+
+    def check_position(self, position: dict) -> None:
+        """DataError when a checkpoint's position was made with another global batch (its steps name other
+        samples). Positions without these fields (older checkpoints) are taken as they are."""
+        recorded = (position.get("batch_size", self.batch_size), position.get("world_size", self.world))
+        if recorded != (self.batch_size, self.world):
+            raise DataError(f"data: the checkpoint's data position was made with train.batch_size={recorded[0]} x "
+                            f"{recorded[1]} ranks, this run has train.batch_size={self.batch_size} x {self.world} "
+                            f"ranks; resuming needs the same (set train.batch_size={recorded[0]} and relaunch with "
+                            f"{recorded[1]} ranks, or start a new output.dir)")

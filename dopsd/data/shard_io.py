@@ -10,6 +10,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from .errors import DataPathError
 from .shard_format import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
@@ -20,19 +21,26 @@ def expand_shard_urls(path: str) -> list[str]:
     if "::" not in path and not path.startswith("pipe:") and "{" not in path and local.is_dir():
         urls = sorted(str(p) for p in local.glob("*.tar"))
         if not urls:
-            raise FileNotFoundError(f"data.path: no .tar shards in {local}")
+            raise DataPathError(f"data.path: no .tar shards in the directory {local} (write them with dopsd "
+                                f"make-shards; for a folder of images set data.type=folder)")
         return urls
     urls = list(wds.shardlists.expand_urls(path))
     if not urls:
-        raise FileNotFoundError(f"data.path: {path!r} names no shards")
+        raise DataPathError(f"data.path: {path!r} names no shards")
     return urls
+
+
+def local_path(url: str) -> Path | None:
+    """The file of a local shard URL (a path or file://); None for pipe: and remote URLs."""
+    if url.startswith("pipe:") or "://" in url.replace("file://", "", 1):
+        return None
+    return Path(url.replace("file://", "", 1))
 
 
 def index_path(url: str) -> Path | None:
     """The index make-shards writes beside a local shard (`NAME.tar.json`); None for pipe: and remote URLs."""
-    if url.startswith("pipe:") or "://" in url.replace("file://", "", 1):
-        return None
-    return Path(url.replace("file://", "", 1) + ".json")
+    path = local_path(url)
+    return None if path is None else path.with_name(path.name + ".json")
 
 
 def read_index(url: str) -> dict | None:
