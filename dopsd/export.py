@@ -39,9 +39,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "d
 
 
 def export_files(checkpoint: str | Path, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:
+    from .adapters import add_lora_adapters, load_student_values, student_lora
     from .models import load_backend
-    from .teacher import STUDENT
-    from .trainer import add_lora_adapters
 
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -56,20 +55,10 @@ def export_files(checkpoint: str | Path, out_dir: str | Path, fmt: str = "diffus
     module = backend.transformer
     state = trained_state(checkpoint)
     if cfg.train.mode == "lora":
-        from peft.utils import get_peft_model_state_dict
-
         add_lora_adapters(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or backend.lora_targets,
                           cfg.lora.init, with_teacher=False)
-        params = {n: p for n, p in module.named_parameters() if f".{STUDENT}." in n}
-        missing = params.keys() - state.keys()
-        if missing:
-            raise ValueError(f"{checkpoint}: no trained values for {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n])
-        meta = module.peft_config[STUDENT].to_dict()
-        meta["target_modules"] = sorted(meta["target_modules"])
-        lora = get_peft_model_state_dict(module, adapter_name=STUDENT)
+        load_student_values(module, state, str(checkpoint))
+        lora, meta = student_lora(module)
         paths = []
         if fmt in ("diffusers", "both"):
             paths.append(backend.save_lora(lora, meta, out, comfyui=False))

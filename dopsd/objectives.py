@@ -1,12 +1,16 @@
 """Training objectives: D-OPSD (on-policy self-distillation) and the vanilla SFT flow-matching baseline.
 
-Both take a backend (for model calls), a batch, and a `backward` callable, and return per-term losses.
-Calling `backward` from inside the objective lets D-OPSD free each roll-out step's graph at once.
+An objective is one function `(StepContext, StepBatch) -> StepResult`, registered under its
+`train.objective` name with `@objective(...)`; the trainer looks it up in OBJECTIVES and knows nothing else
+of it. `StepContext` holds what does not change between steps (backend, the model to call, the teacher,
+how to backward, time, autocast and agree on finiteness), built once by the trainer; `StepBatch` is one
+step's data. Calling `ctx.backward` from inside the objective lets D-OPSD free each roll-out step's graph at
+once. Adding an objective (a fused dual forward, a variant teacher) is one function in this file.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -43,6 +47,65 @@ class StepResult:
     backpropagated: int  # terms whose gradient was accumulated; 0 means there is nothing to apply
 
 
+def _always_finite(_: torch.Tensor) -> bool:
+    return True
+
+
+def _plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+@dataclass
+class StepContext:
+    """Everything an objective needs besides the batch; the same for every step of a run."""
+    backend: Any  # the model family's protocol (dopsd/models/base.py)
+    student: torch.nn.Module  # what student forwards go through (the engine's model)
+    teacher: Any = None  # dopsd.teacher.EmaTeacher, for objectives that need one
+    backward: Callable[[torch.Tensor], None] = _plain_backward  # the engine's
+    timer: Timer = _no_timer
+    autocast: Callable[[], ContextManager] = nullcontext
+    # must agree on every rank (a non-finite term on one rank changes every rank's call schedule)
+    finite: Callable[[torch.Tensor], bool] = _always_finite
+    loss_fn: Callable[..., torch.Tensor] = distill_loss  # or dopsd_kernels' fused one
+    loss_space: str = "x0"  # train.loss_space
+    per_step_backward: bool = True  # train.backward == "per_step"
+    sft_sigma_sampling: str = "shifted_uniform"  # train.sft_sigma_sampling
+
+
+@dataclass
+class StepBatch:
+    prompts: list[str]
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    generators: list[torch.Generator]  # one per sample: its noise is named by (seed, step, place in batch)
+    sigmas: list[float] = field(default_factory=list)  # the roll-out schedule at this batch's size, K+1 values
+    # cached encoder features (lists of per-sample tensors) used instead of the encoders when given
+    student_context: Any = None
+    teacher_context: Any = None
+    references: list[torch.Tensor] | None = None  # editing data: one (B, 3, H_i, W_i) batch per slot
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    step: Callable[[StepContext, StepBatch], StepResult]
+    needs_teacher: bool  # the trainer builds an EMA / frozen teacher (and its adapter) for it
+    term_prefix: str | None = None  # log each term as f"{prefix}{k}" (None: the total only)
+
+    def __call__(self, ctx: StepContext, batch: StepBatch) -> StepResult:
+        return self.step(ctx, batch)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def objective(name: str, needs_teacher: bool, term_prefix: str | None = None):
+    """Register a step function as `train.objective: name`."""
+    def register(fn: Callable[[StepContext, StepBatch], StepResult]) -> Objective:
+        OBJECTIVES[name] = Objective(name, fn, needs_teacher, term_prefix)
+        return OBJECTIVES[name]
+    return register
+
+
 def per_sample_randn(shape: tuple[int, ...], generators: list[torch.Generator], device) -> torch.Tensor:
     """Noise drawn sample by sample from each sample's own generator, so a sample's noise does not depend on
     the batch it lands in (1 rank x batch 2 and 2 ranks x batch 1 draw the same numbers)."""
@@ -51,41 +114,34 @@ def per_sample_randn(shape: tuple[int, ...], generators: list[torch.Generator], 
     return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(device)
 
 
-def _always_finite(_: torch.Tensor) -> bool:
-    return True
-
-
 def _references(references: list[torch.Tensor] | None) -> dict:
     """Keyword for the encoders: passed only with editing data, so that text-only backends written against the
     older protocol (prompts only) keep working."""
     return {"references": references} if references else {}
 
 
-def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompts: list[str],
-                    images: torch.Tensor, sigmas: list[float], backward: Callable[[torch.Tensor], None],
-                    generators: list[torch.Generator], loss_space: str = "x0", per_step_backward: bool = True,
-                    timer: Timer = _no_timer, autocast: Callable[[], ContextManager] = nullcontext,
-                    finite: Callable[[torch.Tensor], bool] = _always_finite, student_context: Any = None,
-                    teacher_context: Any = None, loss_fn: Callable[..., torch.Tensor] = distill_loss,
-                    references: list[torch.Tensor] | None = None) -> StepResult:
+@objective("dopsd", needs_teacher=True, term_prefix="loss_k")
+def dopsd_objective(ctx: StepContext, batch: StepBatch) -> StepResult:
     """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
 
-    `teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
+    `ctx.teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
     or the EMA copy). Every call below happens in the same order on every rank, whatever the data.
-    `finite(loss)` must agree on all ranks: a non-finite term is never backpropagated; the roll-out stops
-    there and the step keeps the gradient of the finite terms before it.
-    `student_context` / `teacher_context`: precomputed contexts (cached features from the data); the encoders
-    are called only for a context that is not given.
-    `references` (editing data): one (B, 3, H_i, W_i) batch per reference slot, given to both encoders; the
-    teacher's context adds the target after them.
+    A non-finite term (`ctx.finite`, agreed by all ranks) is never backpropagated; the roll-out stops there
+    and the step keeps the gradient of the finite terms before it. The encoders are called only for a
+    context the batch does not bring cached. With editing data (`references`) both encoders get the
+    references; the teacher's context adds the target after them.
     """
+    backend, teacher, timer, autocast, finite = ctx.backend, ctx.teacher, ctx.timer, ctx.autocast, ctx.finite
+    prompts, images, sigmas = batch.prompts, batch.images, batch.sigmas
     num_steps = len(sigmas) - 1
-    refs = _references(references)
+    refs = _references(batch.references)
     with timer("encode"), torch.no_grad():
-        c_student = backend.encode_student(prompts, **refs) if student_context is None else student_context
-        c_teacher = backend.encode_teacher(prompts, images, **refs) if teacher_context is None else teacher_context
+        c_student = backend.encode_student(prompts, **refs) if batch.student_context is None \
+            else batch.student_context
+        c_teacher = backend.encode_teacher(prompts, images, **refs) if batch.teacher_context is None \
+            else batch.teacher_context
     shape = backend.latent_shape(images.shape[0], images.shape[-2], images.shape[-1])
-    x = per_sample_randn(shape, generators, backend.device)
+    x = per_sample_randn(shape, batch.generators, backend.device)
 
     terms: list[float] = []
     total = None
@@ -96,21 +152,21 @@ def dopsd_objective(backend: Any, student: torch.nn.Module, teacher: Any, prompt
         with timer("teacher"), teacher.active() as teacher_model, autocast():
             v_t = backend.velocity(teacher_model, x, s, c_teacher)
         with timer("student"), autocast():
-            v_s = backend.velocity(student, x, s, c_student)
-        loss_k = loss_fn(x, v_s, v_t, s, loss_space)  # `distill_loss`, or dopsd_kernels' fused one
+            v_s = backend.velocity(ctx.student, x, s, c_student)
+        loss_k = ctx.loss_fn(x, v_s, v_t, s, ctx.loss_space)
         terms.append(loss_k.item())
-        if per_step_backward:
+        if ctx.per_step_backward:
             if not finite(loss_k):
                 break
             with timer("backward"):
-                backward(loss_k / num_steps)
+                ctx.backward(loss_k / num_steps)
             done += 1
         else:
             total = loss_k / num_steps if total is None else total + loss_k / num_steps
         x = euler_step(x, v_s.detach().float(), s, s_next)
-    if not per_step_backward and finite(total):
+    if not ctx.per_step_backward and finite(total):
         with timer("backward"):
-            backward(total)
+            ctx.backward(total)
         done = num_steps
     return StepResult(loss=sum(terms) / len(terms), terms=terms, backpropagated=done)
 
@@ -126,33 +182,30 @@ def sample_sft_sigmas(batch: int, method: str, shift: float, generator: torch.Ge
     return u.clamp(1e-3, 1.0).float()
 
 
-def sft_objective(backend: Any, student: torch.nn.Module, prompts: list[str], images: torch.Tensor,
-                  backward: Callable[[torch.Tensor], None], generators: list[torch.Generator],
-                  sigma_sampling: str = "shifted_uniform", timer: Timer = _no_timer,
-                  autocast: Callable[[], ContextManager] = nullcontext,
-                  finite: Callable[[torch.Tensor], bool] = _always_finite,
-                  student_context: Any = None, references: list[torch.Tensor] | None = None) -> StepResult:
+@objective("sft", needs_teacher=False)
+def sft_objective(ctx: StepContext, batch: StepBatch) -> StepResult:
     """Vanilla flow matching on noised ground truth: x_s = (1 - s) x0 + s n, target v = n - x0.
 
     This is the off-policy baseline that the paper shows erodes few-step sampling. With editing data the
     student context holds the references, as at inference.
     """
-    with timer("encode"), torch.no_grad():
-        context = backend.encode_student(prompts, **_references(references)) if student_context is None \
-            else student_context
-        x0 = torch.cat([backend.encode_images(images[i:i + 1], generator=g)
+    backend, generators = ctx.backend, batch.generators
+    with ctx.timer("encode"), torch.no_grad():
+        context = backend.encode_student(batch.prompts, **_references(batch.references)) \
+            if batch.student_context is None else batch.student_context
+        x0 = torch.cat([backend.encode_images(batch.images[i:i + 1], generator=g)
                         for i, g in enumerate(generators)]).float()
     noise = per_sample_randn(tuple(x0.shape), generators, x0.device)
     shift = backend.schedule_shift(tuple(x0.shape))
-    sig = torch.cat([sample_sft_sigmas(1, sigma_sampling, shift, g) for g in generators]).to(x0.device)
+    sig = torch.cat([sample_sft_sigmas(1, ctx.sft_sigma_sampling, shift, g) for g in generators]).to(x0.device)
     sig_b = sig.view(-1, *([1] * (x0.dim() - 1)))
     x = (1 - sig_b) * x0 + sig_b * noise
-    with timer("student"), autocast():
-        v = backend.velocity(student, x, sig, context)
+    with ctx.timer("student"), ctx.autocast():
+        v = backend.velocity(ctx.student, x, sig, context)
     loss = F.mse_loss(v.float(), noise - x0)
-    if not finite(loss):
+    if not ctx.finite(loss):
         return StepResult(loss=loss.item(), terms=[loss.item()], backpropagated=0)
-    with timer("backward"):
-        backward(loss)
+    with ctx.timer("backward"):
+        ctx.backward(loss)
     return StepResult(loss=loss.item(), terms=[loss.item()], backpropagated=1)
 

@@ -13,39 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-STUDENT = "student"
-TEACHER = "teacher"
-
-
-def set_active_adapter(model: nn.Module, name: str) -> None:
-    """Route every LoRA layer through adapter `name`.
-
-    peft's own `set_adapter` also flips requires_grad (it makes the active adapter trainable); switching to
-    the teacher for a no-grad forward must not touch the student's trainable flags, whose gradient hooks an
-    engine such as DeepSpeed registered, so only the routing is changed here.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module._active_adapter = [name]
-
-
-def _paired_adapter_params(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    params = dict(model.named_parameters())
-    students, teachers = [], []
-    for name, p in params.items():
-        if f".{STUDENT}." not in name:
-            continue
-        tname = name.replace(f".{STUDENT}.", f".{TEACHER}.")
-        if tname not in params:
-            raise RuntimeError(f"LoRA parameter {name} has no teacher twin {tname}")
-        students.append(p)
-        teachers.append(params[tname])
-    if not students:
-        raise RuntimeError("no student LoRA parameters found: was the adapter added?")
-    return students, teachers
-
+from .adapters import STUDENT, TEACHER, paired_adapter_params, set_active_adapter
 
 class EmaTeacher:
     """teacher <- decay * teacher + (1 - decay) * student after every optimizer step.
@@ -72,7 +40,7 @@ class EmaTeacher:
 
     @classmethod
     def for_lora(cls, model: nn.Module, decay: float) -> "EmaTeacher":
-        students, teachers = _paired_adapter_params(model)
+        students, teachers = paired_adapter_params(model)
         return cls(model, students, teachers, decay, lora=True)
 
     @classmethod

@@ -1,7 +1,8 @@
 """The trainer: builds the pieces from a Config and runs `train_step` in a loop.
 
 It knows the backend only through its protocol (dopsd/models/base.py), the engine through the surface in
-engine.py, and the objective through `dopsd_objective` / `sft_objective`. The same code runs one process
+engine.py, and the objective through `objectives.OBJECTIVES[train.objective]` (a StepContext built once, a
+StepBatch per step). The same code runs one process
 (torch engine) and N ranks (DeepSpeed ZeRO-2/3); every rank makes the same model calls in the same order.
 """
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config
-from .data import build_data
+from .data import DataError, build_data
 from .data.references import reference_tensors
 from .data.sampler import sample_seed
 from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, broadcast_object, device_for,
@@ -25,10 +25,11 @@ from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, bro
 from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
 from .models import check_model_paths, load_backend, make_tiny_model
-from .objectives import distill_loss, dopsd_objective, sft_objective
+from .objectives import OBJECTIVES, StepBatch, StepContext, distill_loss
 from .preemption import Interrupted, Preempted, StopSignals
 from .sampling import generate, save_grid
-from .teacher import STUDENT, TEACHER, EmaTeacher, set_active_adapter
+from .adapters import add_lora_adapters, student_lora, student_params
+from .teacher import EmaTeacher
 
 log = logging.getLogger("dopsd")
 
@@ -37,24 +38,6 @@ MAX_BAD_STEPS = 20  # consecutive steps without an applied update before the run
 
 def resolve_device(name: str) -> torch.device:
     return device_for(DistInfo(), name)
-
-
-def add_lora_adapters(transformer: torch.nn.Module, rank: int, alpha: float, targets: list[str],
-                      init: str, with_teacher: bool) -> None:
-    """The student adapter (trained) and, for D-OPSD, a teacher adapter of the same shape (no grad)."""
-    from peft import LoraConfig
-
-    init_weights = "gaussian" if init == "gaussian" else False
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=init_weights)
-    transformer.requires_grad_(False)
-    transformer.add_adapter(config, adapter_name=STUDENT)
-    if with_teacher:
-        with warnings.catch_warnings():  # peft warns on any second adapter; two are the design here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(config, adapter_name=TEACHER)
-    for name, p in transformer.named_parameters():
-        p.requires_grad_(f".{STUDENT}." in name)
-    set_active_adapter(transformer, STUDENT)
 
 
 class Trainer:
@@ -85,7 +68,8 @@ class Trainer:
             log.info("building the tiny %s checkpoint at %s", cfg.model.backend, model_dir)
             make_tiny_model(cfg.model.backend, str(model_dir), seed=cfg.model.tiny_seed)
         barrier()
-        live_teacher = t.objective == "dopsd" and not (cfg.data.type == "webdataset" and cfg.data.cached_features)
+        self.objective = OBJECTIVES[t.objective]
+        live_teacher = self.objective.needs_teacher and not (cfg.data.type == "webdataset" and cfg.data.cached_features)
         check_model_paths(cfg.model, teacher_encoder=live_teacher)
         ds_config = None
         if use_ds:
@@ -113,8 +97,8 @@ class Trainer:
             # change the adapter's random init, which must also be equal on every rank.
             torch.manual_seed(t.seed)
             add_lora_adapters(module, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or self.backend.lora_targets,
-                              cfg.lora.init, with_teacher=t.objective == "dopsd")
-            if t.objective == "dopsd":
+                              cfg.lora.init, with_teacher=self.objective.needs_teacher)
+            if self.objective.needs_teacher:
                 self.teacher = EmaTeacher.for_lora(module, t.ema_decay)
         else:
             module.requires_grad_(True)
@@ -137,7 +121,7 @@ class Trainer:
         self.module = self.engine.module
         if self.teacher is not None:
             self.teacher.model = self.model
-        elif t.objective == "dopsd":  # full fine-tune: the teacher is a frozen twin, placed like the model
+        elif self.objective.needs_teacher:  # full fine-tune: the teacher is a frozen twin, placed like the model
             twin = None
             if self.engine.zero_stage >= 3:  # cannot deep-copy a sharded module: build a sharded twin
                 twin = self.backend.new_transformer()
@@ -148,12 +132,17 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.use_local_view(self.engine.local)
         self.num_trainable = sum(_numel(p) for p in self.engine.named_params.values())
+        self.timer = StepTimer(sync_cuda=self.device.type == "cuda")
+        self.step_context = StepContext(
+            backend=self.backend, student=self.model, teacher=self.teacher, backward=self.engine.backward,
+            timer=self.timer, autocast=self.autocast, finite=self._finite, loss_fn=self.loss_fn,
+            loss_space=t.loss_space, per_step_backward=t.backward == "per_step",
+            sft_sigma_sampling=t.sft_sigma_sampling)
 
         height, width = cfg.data.resolution
         latent_shape = self.backend.latent_shape(t.batch_size, height, width)
         self.sigmas = list(t.sigmas) or self.backend.sigmas(t.rollout_steps, latent_shape, schedule=t.schedule)
         self._sigmas_by_size = {(height, width): self.sigmas}  # aspect-ratio buckets: schedules by batch size
-        self.timer = StepTimer(sync_cuda=self.device.type == "cuda")
         self.step = 0
         self.position: dict = {}  # where the data source continues from (stored in checkpoints)
         self.bad_steps = 0
@@ -198,18 +187,10 @@ class Trainer:
         references = [r.to(self.device) for r in batch.get("references") or []] or None
         sigmas = self._batch_sigmas(images)
         self.engine.zero_grad()
+        step_batch = StepBatch(prompts=prompts, images=images, generators=self._generators(), sigmas=sigmas,
+                               references=references, **cached)
         with self.timer("objective"):
-            if t.objective == "dopsd":
-                result = dopsd_objective(self.backend, self.model, self.teacher, prompts, images, sigmas,
-                                         self.engine.backward, self._generators(), loss_space=t.loss_space,
-                                         per_step_backward=t.backward == "per_step", timer=self.timer,
-                                         autocast=self.autocast, finite=self._finite, loss_fn=self.loss_fn,
-                                         references=references, **cached)
-            else:
-                result = sft_objective(self.backend, self.model, prompts, images, self.engine.backward,
-                                       self._generators(), sigma_sampling=t.sft_sigma_sampling, timer=self.timer,
-                                       autocast=self.autocast, finite=self._finite,
-                                       student_context=cached.get("student_context"), references=references)
+            result = self.objective(self.step_context, step_batch)
         with self.timer("optimizer"):
             applied = False
             grad_norm = float("nan")
@@ -221,8 +202,8 @@ class Trainer:
                 self.teacher.update()
         self.step += 1
         record = {"step": self.step, "loss": all_mean(result.loss), "grad_norm": grad_norm, "lr": self.engine.lr}
-        if t.objective == "dopsd":
-            record.update({f"loss_k{k}": all_mean(v) for k, v in enumerate(result.terms)})
+        if self.objective.term_prefix:
+            record.update({f"{self.objective.term_prefix}{k}": all_mean(v) for k, v in enumerate(result.terms)})
         if not applied:
             self.skipped_steps += 1
             self.bad_steps += 1
@@ -265,15 +246,9 @@ class Trainer:
         """Deployable weights (collective): the student LoRA in diffusers format, or the full transformer."""
         out = self.run_dir / "exports" / name
         if self.cfg.train.mode == "lora":
-            from peft.utils import get_peft_model_state_dict
-
-            lora = [p for n, p in self.module.named_parameters() if f".{STUDENT}." in n]
-            with self.engine.gathered(lora):  # whole tensors under ZeRO-3, not empty shards
-                state = {k: v.detach().cpu().clone()
-                         for k, v in get_peft_model_state_dict(self.module, adapter_name=STUDENT).items()}
+            with self.engine.gathered(student_params(self.module).values()):  # whole tensors under ZeRO-3
+                state, meta = student_lora(self.module)
             if self.is_main:
-                meta = self.module.peft_config[STUDENT].to_dict()
-                meta["target_modules"] = sorted(meta["target_modules"])  # a set: sorted for reproducible files
                 self.backend.save_lora(state, meta, out)
         else:
             state = self.engine.full_state_dict() if hasattr(self.engine, "full_state_dict") else None
@@ -381,8 +356,51 @@ class Trainer:
         return path
 
     def fit(self) -> dict:
+        """The loop: one training step, its log record, then what is due every N steps."""
         cfg = self.cfg
-        self._base_samples = self.validation_images()  # before any resume: the base model's samples
+        run_log, resumed = self._start()
+        start_step = self.step
+        every_n_steps = [  # (N, action), in this order after a step whose number N divides
+            (cfg.checkpoint.every, self.save_checkpoint),
+            (cfg.output.save_every, lambda: self.export(f"step_{self.step:06d}")),
+            (cfg.validation.every, lambda: self.save_samples(f"step_{self.step:06d}")),
+        ]
+        totals = {p: 0.0 for p in PHASES}
+        bar = _progress(cfg.train.steps, cfg.output.progress_bar and self.is_main, initial=self.step)
+        batches = self.data.batches(self.position)
+        stop = StopSignals()
+        t_start = time.perf_counter()
+        try:
+            while self.step < cfg.train.steps:
+                record = self._timed_step(batches, totals)
+                if run_log and (self.step % cfg.output.log_every == 0 or self.step == cfg.train.steps):
+                    run_log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", s_it=f"{record['step_time']:.2f}")
+                bar.update(1)
+                if self.bad_steps >= MAX_BAD_STEPS:
+                    raise FloatingPointError(f"{self.bad_steps} consecutive non-finite steps; stopping "
+                                             f"(no bad update was applied). Lower train.lr or check the data.")
+                if self.step == cfg.train.steps:
+                    break
+                self._stop_if_requested(stop)
+                for every, action in every_n_steps:
+                    if every and self.step % every == 0:
+                        action()
+        except KeyboardInterrupt:
+            # A second Ctrl-C, maybe inside a step: the state may be half-updated, so nothing is saved from it.
+            raise Interrupted(self.step, ckpt.find_latest(self.ckpt_root) if self.is_main else None) from None
+        finally:
+            bar.close()
+            stop.restore()
+        wall = time.perf_counter() - t_start
+        if self.step > start_step or resumed is None:
+            self.save_checkpoint()
+        return self._finish(run_log, start_step, totals, wall)
+
+    def _start(self) -> tuple[RunLog | None, Path | None]:
+        """Base-model samples (before any resume), the resume, the run log and its start record."""
+        cfg = self.cfg
+        self._base_samples = self.validation_images()
         resumed = self.resume()
         run_log = None
         if self.is_main:
@@ -402,59 +420,45 @@ class Trainer:
                            "world_size": self.info.world_size, "resumed_from": str(resumed) if resumed else None,
                            "start_step": self.step, "data_samples": self.data.num_samples,
                            "data_skipped": dict(self.data.skipped)})
-        totals = {p: 0.0 for p in PHASES}
-        start_step = self.step
-        bar = _progress(cfg.train.steps, cfg.output.progress_bar and self.is_main, initial=self.step)
-        batches = self.data.batches(self.position)
-        stop = StopSignals()
-        t_start = time.perf_counter()
-        try:
-            while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                with self.timer("data"):
-                    batch, next_position = next(batches)
-                record = self.train_step(batch)
-                self.position = next_position
-                phases = self.timer.reset()
-                objective = phases.pop("objective")
-                # roll-out = the objective's own work around the model calls (noise, Euler updates, losses)
-                phases["rollout"] = max(0.0, objective - sum(phases.get(p, 0.0) for p in
-                                                               ("encode", "teacher", "student", "backward")))
-                for p in PHASES:
-                    totals[p] += phases.get(p, 0.0)
-                record["step_time"] = time.perf_counter() - t0
-                record.update({f"time.{p}": phases.get(p, 0.0) for p in PHASES})
-                if run_log and (self.step % cfg.output.log_every == 0 or self.step == cfg.train.steps):
-                    run_log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", s_it=f"{record['step_time']:.2f}")
-                bar.update(1)
-                if self.bad_steps >= MAX_BAD_STEPS:
-                    raise FloatingPointError(f"{self.bad_steps} consecutive non-finite steps; stopping "
-                                             f"(no bad update was applied). Lower train.lr or check the data.")
-                last = self.step == cfg.train.steps
-                # every rank decides together: a signal can reach the ranks a step apart
-                if not last and not all_true(stop.requested is None):
-                    reasons = [r for r in all_gather_object(stop.requested) if r]  # Ctrl-C anywhere wins
-                    reason = "SIGINT" if "SIGINT" in reasons else reasons[0]
-                    path = self.save_checkpoint()
-                    if self.is_main:
-                        log.warning("stop requested (%s): checkpoint written at step %d, exiting", reason, self.step)
-                    raise Preempted(self.step, reason, str(path))
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
-                    self.save_checkpoint()
-                if cfg.output.save_every and self.step % cfg.output.save_every == 0 and not last:
-                    self.export(f"step_{self.step:06d}")
-                if cfg.validation.every and self.step % cfg.validation.every == 0 and not last:
-                    self.save_samples(f"step_{self.step:06d}")
-        except KeyboardInterrupt:
-            # A second Ctrl-C, maybe inside a step: the state may be half-updated, so nothing is saved from it.
-            raise Interrupted(self.step, ckpt.find_latest(self.ckpt_root) if self.is_main else None) from None
-        finally:
-            bar.close()
-            stop.restore()
-        wall = time.perf_counter() - t_start
-        if self.step > start_step or resumed is None:
-            self.save_checkpoint()
+        return run_log, resumed
+
+    def _timed_step(self, batches, totals: dict[str, float]) -> dict:
+        """Next batch, one train_step, and the step's time split (added to `totals`) in its record."""
+        t0 = time.perf_counter()
+        error = None
+        with self.timer("data"):
+            try:
+                batch, next_position = next(batches)
+            except DataError as e:  # raised on the rank whose data failed: every rank must stop with it
+                error = e
+        if not all_true(error is None):
+            raise error or DataError("data: another rank stopped on bad data (its log says why)")
+        record = self.train_step(batch)
+        self.position = next_position
+        phases = self.timer.reset()
+        objective = phases.pop("objective")
+        # roll-out = the objective's own work around the model calls (noise, Euler updates, losses)
+        phases["rollout"] = max(0.0, objective - sum(phases.get(p, 0.0) for p in
+                                                       ("encode", "teacher", "student", "backward")))
+        for p in PHASES:
+            totals[p] += phases.get(p, 0.0)
+        record["step_time"] = time.perf_counter() - t0
+        record.update({f"time.{p}": phases.get(p, 0.0) for p in PHASES})
+        return record
+
+    def _stop_if_requested(self, stop: StopSignals) -> None:
+        """Every rank decides together (a signal can reach the ranks a step apart): checkpoint, then stop."""
+        if all_true(stop.requested is None):
+            return
+        reasons = [r for r in all_gather_object(stop.requested) if r]  # Ctrl-C anywhere wins
+        reason = "SIGINT" if "SIGINT" in reasons else reasons[0]
+        path = self.save_checkpoint()
+        if self.is_main:
+            log.warning("stop requested (%s): checkpoint written at step %d, exiting", reason, self.step)
+        raise Preempted(self.step, reason, str(path))
+
+    def _finish(self, run_log: RunLog | None, start_step: int, totals: dict[str, float], wall: float) -> dict:
+        """Final export and samples, the end record and the summary line."""
         final = self.export("final")
         grid = self.save_samples("final")
         steps = max(self.step - start_step, 1)

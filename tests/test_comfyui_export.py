@@ -24,8 +24,7 @@ from safetensors.torch import load_file
 from dopsd.config import ModelConfig
 from dopsd.export_comfyui import FILE_NAME, KEYS, comfyui_alpha, to_comfyui
 from dopsd.models import load_backend, make_tiny_model
-from dopsd.teacher import STUDENT
-from dopsd.trainer import add_lora_adapters
+from dopsd.adapters import STUDENT, add_lora_adapters
 
 RANK, ALPHA = 4, 8  # alpha / rank = 2, as the recipe's 64 / 128
 ATOL, RTOL = 1e-6, 1e-5

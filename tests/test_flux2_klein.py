@@ -20,7 +20,8 @@ from dopsd.models.flux2_klein import (EDIT_INSTRUCTION, LORA_TARGETS, Flux2Klein
                                       patchify, reference_ids, text_ids, unpack, unpatchify)
 from dopsd.models.flux2_tiny import TINY_OUT_LAYERS
 from dopsd.sampling import rollout, seeded_noise
-from dopsd.trainer import Trainer, add_lora_adapters
+from dopsd.adapters import add_lora_adapters
+from dopsd.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a close-up picture of a [V] ball with red stripes"

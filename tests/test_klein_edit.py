@@ -15,9 +15,9 @@ from test_flux2_klein import ATOL, _backend, _image, _pipe_latents, klein_dir, p
 from dopsd.data.folder import to_tensor
 from dopsd.data.references import prepare_reference, reference_tensors
 from dopsd.models.flux2_klein import EDIT_INSTRUCTION, EDIT_TASK_INSTRUCTION, pack
-from dopsd.objectives import dopsd_objective, sft_objective
+from dopsd.objectives import StepBatch, StepContext, dopsd_objective, sft_objective
 from dopsd.sampling import rollout, seeded_noise
-from dopsd.trainer import add_lora_adapters
+from dopsd.adapters import add_lora_adapters
 
 INSTRUCTION = "change the background to green"
 
@@ -138,8 +138,8 @@ def test_teacher_call_has_one_more_reference_and_the_loss_sees_noisy_tokens_only
     calls: list = []
     hooks = _record_calls(be.transformer, calls)
     try:
-        result = dopsd_objective(be, be.transformer, teacher, ["a", "b"], images, sigmas, lambda loss: loss.backward(),
-                                 gens, references=refs)
+        result = dopsd_objective(StepContext(be, be.transformer, teacher),
+                                 StepBatch(["a", "b"], images, gens, sigmas, references=refs))
     finally:
         for h in hooks:
             h.remove()
@@ -160,7 +160,7 @@ def test_teacher_call_has_one_more_reference_and_the_loss_sees_noisy_tokens_only
     calls.clear()
     hooks = _record_calls(be.transformer, calls)
     try:
-        sft_objective(be, be.transformer, ["a", "b"], images, lambda loss: loss.backward(), gens, references=refs)
+        sft_objective(StepContext(be, be.transformer), StepBatch(["a", "b"], images, gens, references=refs))
     finally:
         for h in hooks:
             h.remove()

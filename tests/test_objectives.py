@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dopsd.adapters import STUDENT, TEACHER, add_lora_adapters, set_active_adapter
 from dopsd.config import ModelConfig
 from dopsd.models import load_backend
-from dopsd.objectives import distill_loss, dopsd_objective, sft_objective
-from dopsd.teacher import STUDENT, TEACHER, EmaTeacher, set_active_adapter
-from dopsd.trainer import add_lora_adapters
+from dopsd.objectives import StepBatch, StepContext, distill_loss, dopsd_objective, sft_objective
+from dopsd.teacher import EmaTeacher
 
 PROMPTS = ["a photo of [V] ball", "a [V] ball with red stripes on a green background"]
 
@@ -71,8 +71,9 @@ def test_dopsd_step_gradients_and_call_schedule(lora_backend):
     spy = Spy(be)
     sigmas = be.sigmas(4, be.latent_shape(2, 32, 32))
     model = be.transformer
-    result = dopsd_objective(spy, model, teacher, PROMPTS, _images(), sigmas, lambda l: l.backward(),
-                             [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)])
+    result = dopsd_objective(StepContext(spy, model, teacher),
+                             StepBatch(PROMPTS, _images(), [torch.Generator().manual_seed(11),
+                                                            torch.Generator().manual_seed(12)], sigmas))
     # teacher then student at every one of the K states, teacher without grad, on the same state
     assert [c["adapter"] for c in spy.calls] == [TEACHER, STUDENT] * 4
     assert [c["grad"] for c in spy.calls] == [False, True] * 4
@@ -112,8 +113,9 @@ def test_per_step_backward_equals_one_backward(lora_backend):
     out = []
     for per_step in (True, False):
         be.transformer.zero_grad(set_to_none=True)
-        r = dopsd_objective(be, be.transformer, teacher, PROMPTS, _images(), sigmas, lambda l: l.backward(),
-                            [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], per_step_backward=per_step)
+        r = dopsd_objective(StepContext(be, be.transformer, teacher, per_step_backward=per_step),
+                            StepBatch(PROMPTS, _images(), [torch.Generator().manual_seed(5),
+                                                           torch.Generator().manual_seed(6)], sigmas))
         out.append((r.terms, _grads(be.transformer)))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
     for n in out[0][1]:
@@ -149,8 +151,9 @@ def test_full_finetune_teacher_is_a_frozen_copy(tiny_model_dir):
     student = be.transformer.requires_grad_(True)
     teacher = EmaTeacher.for_full(student, decay=0.5)
     assert teacher.model is not student
-    dopsd_objective(be, student, teacher, PROMPTS[:1], _images(1), be.sigmas(2, be.latent_shape(1, 32, 32)),
-                    lambda l: l.backward(), [torch.Generator().manual_seed(0)])
+    dopsd_objective(StepContext(be, student, teacher),
+                    StepBatch(PROMPTS[:1], _images(1), [torch.Generator().manual_seed(0)],
+                              be.sigmas(2, be.latent_shape(1, 32, 32))))
     assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1)
     with torch.no_grad():
@@ -165,9 +168,9 @@ def test_sft_matches_hand_written_reference(tiny_model_dir):
     be = load_backend(ModelConfig(path=str(tiny_model_dir)))
     model = be.transformer.requires_grad_(True)
     images = _images()
-    result = sft_objective(be, model, PROMPTS, images, lambda l: l.backward(),
-                           [torch.Generator().manual_seed(9), torch.Generator().manual_seed(10)],
-                           sigma_sampling="shifted_uniform")
+    result = sft_objective(StepContext(be, model, sft_sigma_sampling="shifted_uniform"),
+                           StepBatch(PROMPTS, images, [torch.Generator().manual_seed(9),
+                                                       torch.Generator().manual_seed(10)]))
     grads = _grads(model)
 
     # Reference written from the definitions, with diffusers/transformers objects called directly.
@@ -209,8 +212,9 @@ def test_gradient_checkpointing_recomputes_with_the_student_adapter(lora_backend
         if checkpointing:
             be.transformer.enable_gradient_checkpointing()
         be.transformer.train().zero_grad(set_to_none=True)
-        dopsd_objective(be, be.transformer, teacher, PROMPTS, _images(), sigmas, lambda l: l.backward(),
-                        [torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)], per_step_backward=per_step)
+        dopsd_objective(StepContext(be, be.transformer, teacher, per_step_backward=per_step),
+                        StepBatch(PROMPTS, _images(), [torch.Generator().manual_seed(2),
+                                                       torch.Generator().manual_seed(3)], sigmas))
         grads.append(_grads(be.transformer))
     be.transformer.disable_gradient_checkpointing()
     assert grads[0].keys() == grads[1].keys()

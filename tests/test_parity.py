@@ -4,7 +4,7 @@ import torch
 from diffusers import ZImagePipeline
 
 from dopsd.sampling import rollout, seeded_noise
-from dopsd.trainer import add_lora_adapters
+from dopsd.adapters import add_lora_adapters
 
 PROMPT = "a close-up picture of a [V] ball with red stripes"
 

@@ -1,0 +1,99 @@
+"""LoRA adapters in one place: adding them, routing forwards through one of them, and reading, writing and
+describing the student's.
+
+LoRA mode puts two peft adapters of the same shape on one frozen DiT: `student` (trained) and, for D-OPSD,
+`teacher` (an EMA of the student, no grad; dopsd/teacher.py keeps it). What leaves a run is the student
+adapter alone, in the diffusers format (`backend.save_lora`); the trainer and `dopsd export` both go through
+`student_lora` for it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+STUDENT = "student"
+TEACHER = "teacher"
+
+
+def add_lora_adapters(transformer: nn.Module, rank: int, alpha: float, targets: list[str], init: str,
+                      with_teacher: bool) -> None:
+    """The student adapter (trained) and, for D-OPSD, a teacher adapter of the same shape (no grad)."""
+    from peft import LoraConfig
+
+    init_weights = "gaussian" if init == "gaussian" else False
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=init_weights)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=STUDENT)
+    if with_teacher:
+        with warnings.catch_warnings():  # peft warns on any second adapter; two are the design here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.add_adapter(config, adapter_name=TEACHER)
+    for name, p in transformer.named_parameters():
+        p.requires_grad_(is_student(name))
+    set_active_adapter(transformer, STUDENT)
+
+
+def is_student(name: str) -> bool:
+    return f".{STUDENT}." in name
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Route every LoRA layer through adapter `name`.
+
+    peft's own `set_adapter` also flips requires_grad (it makes the active adapter trainable); switching to
+    the teacher for a no-grad forward must not touch the student's trainable flags, whose gradient hooks an
+    engine such as DeepSpeed registered, so only the routing is changed here.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._active_adapter = [name]
+
+
+def student_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if is_student(n)}
+
+
+def paired_adapter_params(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The student's LoRA tensors and their teacher twins, in the same order."""
+    params = dict(model.named_parameters())
+    students, teachers = [], []
+    for name, p in params.items():
+        if not is_student(name):
+            continue
+        tname = name.replace(f".{STUDENT}.", f".{TEACHER}.")
+        if tname not in params:
+            raise RuntimeError(f"LoRA parameter {name} has no teacher twin {tname}")
+        students.append(p)
+        teachers.append(params[tname])
+    if not students:
+        raise RuntimeError("no student LoRA parameters found: was the adapter added?")
+    return students, teachers
+
+
+def load_student_values(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy trained student values (named as the module names its parameters) into the adapter."""
+    params = student_params(model)
+    missing = params.keys() - state.keys()
+    if missing:
+        raise ValueError(f"{source}: no trained values for {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
+def student_lora(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of the student adapter as diffusers' LoRA files hold them: peft's state-dict
+    names without the adapter name, detached CPU copies; rank/alpha metadata with sorted target modules (a
+    set in peft: sorted so that the same run writes the same file). Under ZeRO-3 call it where the student's
+    parameters are gathered."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, adapter_name=STUDENT).items()}
+    meta = model.peft_config[STUDENT].to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    return state, meta
