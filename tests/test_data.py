@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dopsd.data.folder import FolderDataset, collate, resize_center_crop
+from dopsd.data.folder import FolderDataset
+from dopsd.data.images import resize_center_crop
+from dopsd.data.samples import collate
 
 
 def test_resize_center_crop_covers_and_crops():

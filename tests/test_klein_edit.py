@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from test_flux2_klein import ATOL, _backend, _image, _pipe_latents, klein_dir, pipe  # noqa: F401 (fixtures)
 
-from dopsd.data.folder import to_tensor
+from dopsd.data.images import to_tensor
 from dopsd.data.references import prepare_reference, reference_tensors
 from dopsd.models.flux2_klein import EDIT_INSTRUCTION, EDIT_TASK_INSTRUCTION, pack
 from dopsd.objectives import StepBatch, StepContext, dopsd_objective, sft_objective

@@ -171,7 +171,7 @@ def test_cached_features_equal_live_encoders(cached_shards, tiny_model_dir, tmp_
         captions = [apply_placeholder(c, "[V]", "") for c in info["captions"]]
         image = Image.open(io.BytesIO(sample["png"]))
         h, w = info["bucket"]
-        from dopsd.data.folder import resize_center_crop, to_tensor
+        from dopsd.data.images import resize_center_crop, to_tensor
 
         pixels = to_tensor(resize_center_crop(image, h, w))
         for i, prompt in enumerate(captions):

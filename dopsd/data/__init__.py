@@ -1,5 +1,12 @@
 """Data sources: image folders (folder.py) and WebDataset shards (wds_source.py; written by shards.py).
 
+Modules; each imports only modules on the lines above it (no cycle):
+  errors (DataError); images (IMAGE_EXTS, decoding, resize + crop, tensors); shard_format (sample layout, buckets,
+    caption fields, features); sampler (global batches); synthetic (test images): import no data module
+  references (editing references) -> images;  shard_io (tar reading, indexes) -> errors, images
+  samples (`check_sample`, the one validity check and its kinds; `collate`) -> images, references, shard_format
+  folder, wds_source (the two sources) and shards (make-shards) -> samples and the modules above
+
 The trainer sees a data source through this small surface only:
   num_samples       samples per epoch (global), for the log
   skipped           Counter of bad samples seen by this rank, by kind

@@ -8,7 +8,7 @@ Targets are resized to `data.resolution`; references keep their (preprocessed) s
 every global batch from samples whose references have the same sizes, so that batches stack on every rank.
 
 One variant is drawn per sample per step, as the recipe does with its prompt fields. Bad samples (no
-caption, unreadable or corrupt image or reference) are skipped with a warning and counted by kind.
+caption, unreadable or corrupt image or reference; samples.py judges) are skipped with a warning and counted by kind.
 
 Bad data and data.max_bad_fraction (as for shards, see wds_source.py). The folder is scanned in full when the
 source is built (every image and reference decoded), so the ceiling is checked there, once, on every file: more
@@ -21,53 +21,21 @@ Positions record the global batch (train.batch_size x ranks): a resume with anot
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .errors import DataError, DataPathError, worker_message
-from .references import folder_layout, load_reference, reference_files, reference_sizes, stack_slots
+from .images import is_image_file, resize_center_crop, to_tensor
+from .references import folder_layout, load_reference, reference_files, reference_sizes
+from .samples import BadSample, check_sample, collate, folder_captions
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def resize_center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
-    """Bicubic resize so the image covers (height, width), then centre-crop (the recipe's bucketing step)."""
-    img = img.convert("RGB")
-    scale = max(height / img.height, width / img.width)
-    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
-    img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    return img.crop((left, top, left + width, top + height))
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-
-
-def read_captions(path: Path) -> list[str]:
-    """Caption variants from a .txt (one per non-empty line) or .json (list or mapping of strings)."""
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        values = list(data.values()) if isinstance(data, dict) else data
-        if not isinstance(values, list):
-            raise ValueError("caption JSON must be a list or a mapping of strings")
-        variants = [v.strip() for v in values if isinstance(v, str) and v.strip()]
-    else:
-        variants = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not variants:
-        raise ValueError("caption file holds no prompt")
-    return variants
 
 
 @dataclass
@@ -91,12 +59,12 @@ class FolderDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.skipped: Counter[str] = Counter()
         self.items: list[Item] = []
-        samples, refs = folder_layout(sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTS))
+        samples, refs = folder_layout(sorted(p for p in self.root.iterdir() if is_image_file(p)))
         for path in samples:
             self._scan(path, refs.get(path.stem, {}))
         if not samples:
             raise DataError(f"data.path: no usable image+caption pairs in {self.root}: it holds no "
-                            f"{'/'.join(e[1:] for e in IMAGE_EXTS)} image (put NAME.png beside NAME.txt or NAME.json)")
+                            "png/jpg/jpeg/webp image (put NAME.png beside NAME.txt or NAME.json)")
         if not self.items:
             raise DataError(f"data.path: no usable image+caption pairs in {self.root}: all {len(samples)} images are "
                             f"bad ({self._kinds()}); the warnings above name each file")
@@ -125,28 +93,12 @@ class FolderDataset(torch.utils.data.Dataset):
         log.warning("skipping %s (%s): %s", path, kind, why)
 
     def _scan(self, path: Path, ref_files: dict[int, list[Path]]) -> None:
-        caption = next((c for c in (path.with_suffix(".txt"), path.with_suffix(".json")) if c.exists()), None)
-        if caption is None:
-            self._skip("missing_caption", path, "no .txt or .json caption beside it")
+        try:  # decoded in full now: a truncated file passes a header check and fails mid-run otherwise
+            sample = check_sample(path, lambda: folder_captions(path), lambda: reference_files(ref_files))
+        except BadSample as e:
+            self._skip(e.kind, path, str(e))
             return
-        try:
-            captions = read_captions(caption)
-        except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._skip("bad_caption", caption, str(e))
-            return
-        try:  # decode fully now: a truncated file passes a header check and fails mid-run otherwise
-            with Image.open(path) as img:
-                img.load()
-        except Exception as e:  # PIL raises many types for bad bytes
-            self._skip("bad_image", path, f"{type(e).__name__}: {e}")
-            return
-        try:
-            references = tuple(reference_files(ref_files))
-            sizes = reference_sizes([load_reference(r) for r in references])
-        except Exception as e:  # PIL raises many types for bad bytes; the pipeline's checks raise ValueError
-            self._skip("bad_reference", path, f"{type(e).__name__}: {e}")
-            return
-        self.items.append(Item(path, captions, references, sizes))
+        self.items.append(Item(path, sample.captions, sample.reference_sources, reference_sizes(sample.references)))
 
     @property
     def num_skipped(self) -> int:
@@ -192,17 +144,6 @@ class FolderDataset(torch.utils.data.Dataset):
         which = "of one reference-size bucket " if item.references else ""
         raise DataError(f"data.path: every sample {which}in {self.root} has become unreadable since the scan "
                         f"({len(bucket)} samples, e.g. {item.image.name}); the warnings above name each file")
-
-
-def collate(samples: list[dict]) -> dict:
-    batch = {
-        "image": torch.stack([s["image"] for s in samples]),
-        "prompt": [s["prompt"] for s in samples],
-        "key": [s["key"] for s in samples],
-    }
-    if any(s.get("references") for s in samples):  # one (B, 3, H_i, W_i) tensor per reference slot
-        batch["references"] = stack_slots([s.get("references", []) for s in samples])
-    return batch
 
 
 class FolderSource:

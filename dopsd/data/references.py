@@ -16,14 +16,13 @@ whose targets share a bucket and whose references have identical sizes.
 """
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .shard_format import IMAGE_EXTS
+from .images import IMAGE_EXTS, decode_image, to_tensor
 
 REF_UNIT = 16
 REF_MAX_AREA = 1024 * 1024
@@ -36,6 +35,12 @@ def member_slot(ext: str) -> int | None:
     """Reference index of a shard member extension ("ref0.png" -> 0), None for other members."""
     m = _MEMBER.match(ext.lower())
     return int(m.group(1)) if m else None
+
+
+def member_slots(sample: dict) -> dict[int, tuple[bytes, str]]:
+    """A raw shard sample's reference members by index: {i: (bytes, extension)}."""
+    return {slot: (data, key.split(".", 1)[1]) for key, data in sample.items()
+            if isinstance(key, str) and (slot := member_slot(key)) is not None}
 
 
 def member_name(slot: int, ext: str) -> str:
@@ -90,9 +95,7 @@ def prepare_reference(img: Image.Image) -> Image.Image:
 
 def load_reference(source: bytes | str | Path) -> Image.Image:
     """Decode in full (a truncated file passes a header check and fails later otherwise) and preprocess."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-        img.load()
-        return prepare_reference(img)
+    return prepare_reference(decode_image(source))
 
 
 def reference_sizes(images: list[Image.Image]) -> tuple[tuple[int, int], ...]:
@@ -102,8 +105,6 @@ def reference_sizes(images: list[Image.Image]) -> tuple[tuple[int, int], ...]:
 
 def reference_tensors(paths: list[str | Path]) -> list[torch.Tensor]:
     """(3, H, W) tensors in [0, 1] of reference files, preprocessed (validation and `dopsd sample` inputs)."""
-    from .folder import to_tensor
-
     return [to_tensor(load_reference(Path(p))) for p in paths]
 
 

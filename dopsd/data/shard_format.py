@@ -21,7 +21,6 @@ from pathlib import Path
 
 FEATURES_EXT = "features.safetensors"
 FEATURES_FORMAT = "dopsd-features/1"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Backends whose contexts are lists of per-sample (L, D) token features, which can be cached sample by sample.
 CACHEABLE_BACKENDS = ("zimage",)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import webdataset as wds
 
 from .errors import DataPathError
-from .shard_format import IMAGE_EXTS
+from .images import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from .folder import IMAGE_EXTS as FOLDER_IMAGE_EXTS
-from .folder import read_captions, resize_center_crop, to_tensor
-from .references import folder_layout, load_reference, member_name, member_slot, ordered, reference_files
-from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, IMAGE_EXTS, apply_placeholder, assign_bucket,
-                           caption_variants, encoder_fingerprint, pack_features, resolve_buckets, sample_captions)
+from .images import IMAGE_EXTS, is_image_file, resize_center_crop, to_tensor
+from .references import folder_layout, member_name, member_slots, ordered, reference_files
+from .samples import BadSample, check_sample, folder_captions, image_member, shard_captions
+from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, apply_placeholder, assign_bucket, caption_variants,
+                           encoder_fingerprint, pack_features, resolve_buckets)
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,10 @@ PATTERN = "shard-%06d.tar"
 FEATURE_MODES = ("none", "student", "all")
 
 
-class BadInput(Exception):
-    def __init__(self, kind: str, why: str):
-        super().__init__(why)
-        self.kind = kind
-
-
 @dataclass
 class Record:
     """One input sample; `load()` returns (image bytes, extension, caption variants, extra json fields,
-    references as [(bytes, extension), ...] in index order) or raises BadInput."""
+    references as [(bytes, extension), ...] in index order) or raises BadSample (samples.py)."""
     index: int
     name: str
     source: str
@@ -70,28 +64,22 @@ def _reference_bytes(paths: list[Path]) -> list[tuple[bytes, str]]:
     try:
         return [(p.read_bytes(), p.suffix[1:].lower()) for p in paths]
     except OSError as e:
-        raise BadInput("bad_reference", str(e)) from None
+        raise BadSample("bad_reference", str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------
 # Inputs
 
 def folder_records(root: Path) -> tuple[int, Iterator[Record]]:
-    paths, refs = folder_layout(sorted(p for p in root.iterdir() if p.suffix.lower() in FOLDER_IMAGE_EXTS))
+    paths, refs = folder_layout(sorted(p for p in root.iterdir() if is_image_file(p)))
 
     def record(i: int, path: Path) -> Record:
         def load():
-            caption = next((c for c in (path.with_suffix(".txt"), path.with_suffix(".json")) if c.exists()), None)
-            if caption is None:
-                raise BadInput("missing_caption", "no .txt or .json caption beside it")
-            try:
-                captions = read_captions(caption)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadInput("bad_caption", f"{caption.name}: {e}") from None
+            captions = folder_captions(path)
             try:
                 ref_paths = reference_files(refs.get(path.stem, {}))
             except ValueError as e:
-                raise BadInput("bad_reference", str(e)) from None
+                raise BadSample("bad_reference", str(e)) from None
             return path.read_bytes(), path.suffix[1:].lower(), captions, {}, _reference_bytes(ref_paths)
         return Record(i, path.stem, str(path), load)
 
@@ -106,31 +94,31 @@ def manifest_records(path: Path) -> tuple[int, Iterator[Record]]:
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise BadInput("bad_record", f"line {i + 1}: {e}") from None
+                raise BadSample("bad_record", f"line {i + 1}: {e}") from None
             if not isinstance(obj, dict):
-                raise BadInput("bad_record", f"line {i + 1}: not a JSON object")
+                raise BadSample("bad_record", f"line {i + 1}: not a JSON object")
             return obj
 
         def load():
             obj = parse()
             image = next((obj[k] for k in ("image", "path", "file_name", "file") if isinstance(obj.get(k), str)), None)
             if image is None:
-                raise BadInput("missing_image", f"line {i + 1}: no image path")
+                raise BadSample("missing_image", f"line {i + 1}: no image path")
             image_path = (path.parent / image) if not Path(image).is_absolute() else Path(image)
             try:
                 captions = next((v for v in (caption_variants(obj[k]) for k in ("captions", "caption", "text", "prompt")
                                              if obj.get(k) is not None) if v), [])
             except ValueError as e:
-                raise BadInput("bad_caption", f"line {i + 1}: {e}") from None
+                raise BadSample("bad_caption", f"line {i + 1}: {e}") from None
             if not captions:
-                raise BadInput("missing_caption", f"line {i + 1}: no caption")
+                raise BadSample("missing_caption", f"line {i + 1}: no caption")
             try:
                 data = image_path.read_bytes()
             except OSError as e:
-                raise BadInput("bad_image", f"{image_path}: {e}") from None
+                raise BadSample("bad_image", f"{image_path}: {e}") from None
             refs = obj.get("references") or []
             if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-                raise BadInput("bad_reference", f"line {i + 1}: references must be a list of paths")
+                raise BadSample("bad_reference", f"line {i + 1}: references must be a list of paths")
             references = _reference_bytes([path.parent / r if not Path(r).is_absolute() else Path(r) for r in refs])
             extra = {k: v for k, v in obj.items() if k not in ("image", "path", "file_name", "file", "captions",
                                                                   "caption", "text", "prompt", "references")}
@@ -165,25 +153,17 @@ def shard_records(urls: list[str], on_error: Callable[[str, str, str], None]) ->
 
     for i, sample in enumerate(tar_samples(source(), handler)):
         def load(sample=sample):
-            ext = next((e for e in IMAGE_EXTS if sample.get(e) is not None), None)
-            if ext is None:
-                raise BadInput("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
-            try:
-                captions = sample_captions(sample)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadInput("bad_caption", f"{type(e).__name__}: {e}") from None
-            if not captions:
-                raise BadInput("missing_caption", "no caption")
+            ext = image_member(sample)
+            captions = shard_captions(sample)
             extra = {}
             if sample.get("json") is not None:
                 meta = json.loads(sample["json"].decode("utf-8"))
                 if isinstance(meta, dict):  # img2dataset metadata (url, status, original size, ...)
                     extra = {"meta": {k: v for k, v in meta.items() if k not in ("captions", "references")}}
-            slots = {member_slot(k): (v, k.split(".", 1)[1]) for k, v in sample.items() if member_slot(k) is not None}
             try:
-                references = ordered(slots)
+                references = ordered(member_slots(sample))
             except ValueError as e:
-                raise BadInput("bad_reference", str(e)) from None
+                raise BadSample("bad_reference", str(e)) from None
             return sample[ext], ext, captions, extra, references
         key = str(sample["__key__"])
         yield Record(i, key.rsplit("/", 1)[-1], f"{sample['__url__']} key {key}", load)
@@ -282,7 +262,7 @@ def _clear(out: Path, first: int) -> None:
 
 def open_input(spec: str, on_error: Callable[[str, str, str], None]) -> tuple[str, int | None, Iterator[Record]]:
     path = Path(spec)
-    if path.is_dir() and any(p.suffix.lower() in FOLDER_IMAGE_EXTS for p in path.iterdir()):
+    if path.is_dir() and any(is_image_file(p) for p in path.iterdir()):
         return ("folder", *folder_records(path))
     if path.is_file() and path.suffix.lower() in (".jsonl", ".ndjson"):
         return ("manifest", *manifest_records(path))
@@ -361,21 +341,12 @@ def make_shards(input: str, output: str, *, samples_per_shard: int = 1000, shard
             bar.update(1)
             try:
                 data, ext, captions, extra, references = record.load()
-                try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        img.load()
-                        image = img.copy()
-                except Exception as e:  # PIL raises many types for bad bytes
-                    raise BadInput("bad_image", f"{type(e).__name__}: {e}") from None
-                ref_sizes = []
-                for slot, (ref_data, _) in enumerate(references):
-                    try:  # the reader's checks, made here so that shards hold no sample it would refuse
-                        ref_sizes.append(load_reference(ref_data).size)
-                    except Exception as e:  # PIL raises many types; the pipeline's checks raise ValueError
-                        raise BadInput("bad_reference", f"reference {slot}: {type(e).__name__}: {e}") from None
-            except BadInput as e:
+                # the reader's checks, made here so that shards hold no sample it would refuse
+                checked = check_sample(data, lambda: captions, lambda: [ref_data for ref_data, _ in references])
+            except BadSample as e:
                 on_error(e.kind, record.source, str(e))
                 continue
+            image = checked.image
             if references and encoder is not None:
                 raise ValueError(f"make-shards --features: cached features are for text-to-image data (Z-Image); "
                                  f"{record.source} has reference images (editing data, which FLUX.2-klein encodes "
@@ -389,7 +360,7 @@ def make_shards(input: str, output: str, *, samples_per_shard: int = 1000, shard
                 ref_data, ref_ext = _stored(ref_data, ref_ext)
                 sample[member_name(slot, ref_ext)] = ref_data
             if references:
-                info["references"] = [{"width": w, "height": h} for w, h in ref_sizes]  # as prepared
+                info["references"] = [{"width": r.width, "height": r.height} for r in checked.references]  # prepared
             if encoder is not None:
                 payload, bucket = encoder(image, captions)
                 sample[FEATURES_EXT] = payload

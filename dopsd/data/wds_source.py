@@ -50,7 +50,6 @@ does a checkpoint position made with another train.batch_size, data.num_workers 
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -69,14 +68,14 @@ from PIL import Image
 
 from ..dist import broadcast_object
 from .errors import DataError, DataPathError
-from .folder import collate, resize_center_crop, to_tensor
-from .references import load_reference, member_slot, ordered, reference_sizes
+from .images import resize_center_crop, to_tensor
+from .references import member_slots, ordered, reference_sizes
+from .samples import BadSample, check_sample, collate, image_member, shard_captions
 from .sampler import sample_seed
 from .shard_io import (count_samples, expand_shard_urls, first_line, local_path, read_index, split_shards,
                        tar_samples)
-from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, IMAGE_EXTS, apply_placeholder, assign_bucket,
-                           check_features, encoder_fingerprint, feature_dims, load_features, read_features_header,
-                           resolve_buckets, sample_captions)
+from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, apply_placeholder, assign_bucket, check_features,
+                           encoder_fingerprint, feature_dims, load_features, read_features_header, resolve_buckets)
 
 log = logging.getLogger(__name__)
 
@@ -234,25 +233,12 @@ class Reader:
         def skip(kind: str, why: str) -> None:
             events.append((kind, url, key, why, 0))
 
-        ext = next((e for e in IMAGE_EXTS if raw.get(e) is not None), None)
-        if ext is None:
-            return skip("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
         try:
-            captions = sample_captions(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return skip("bad_caption", f"{type(e).__name__}: {e}")
-        if not captions:
-            return skip("missing_caption", "no caption (json captions/caption or txt)")
-        try:  # decoded in full: a truncated file passes a header check and fails later otherwise
-            image = Image.open(io.BytesIO(raw[ext]))
-            image.load()
-        except Exception as e:  # PIL raises many types for bad bytes
-            return skip("bad_image", f"{type(e).__name__}: {e}")
-        try:
-            slots = {member_slot(k): v for k, v in raw.items() if isinstance(k, str) and member_slot(k) is not None}
-            references = tuple(load_reference(data) for data in ordered(slots))
-        except Exception as e:  # PIL raises many types for bad bytes; the pipeline's checks raise ValueError
-            return skip("bad_reference", f"{type(e).__name__}: {e}")
+            sample = check_sample(raw[image_member(raw)], lambda: shard_captions(raw),
+                                  lambda: [data for data, _ in ordered(member_slots(raw))])
+        except BadSample as e:
+            return skip(e.kind, str(e))
+        image, captions, references = sample.image, sample.captions, sample.references
         bucket = assign_bucket(image.width, image.height, self.buckets)
         rng = random.Random(sample_seed(self.seed, epoch, zlib.crc32(f"{Path(url).name}/{key}".encode())))
         variant = rng.randrange(len(captions))
