@@ -5,11 +5,12 @@ setup(
     version="0.1.0",
     description="D-OPSD: on-policy self-distillation trainer for step-distilled diffusion transformers",
     python_requires=">=3.10",
-    packages=find_packages(include=["dopsd", "dopsd.*"]) + ["dopsd_kernels"],
+    packages=find_packages(include=["dopsd", "dopsd.*"]) + ["dopsd_kernels", "dopsd_world"],
     # The Triton kernels live in kernels/ but install as `dopsd_kernels`: a top-level `kernels` package
-    # would shadow the PyPI `kernels` package that diffusers imports for hub attention kernels.
-    package_dir={"dopsd_kernels": "kernels"},
-    package_data={"dopsd": ["assets/**/*"]},
+    # would shadow the PyPI `kernels` package that diffusers imports for hub attention kernels. The
+    # miniature world (research code beside the library; dopsd never imports it) lives in benchmarks/world/.
+    package_dir={"dopsd_kernels": "kernels", "dopsd_world": "benchmarks/world"},
+    package_data={"dopsd": ["assets/**/*"], "dopsd_world": ["assets/*", "README.md"]},
     include_package_data=True,
     install_requires=[
         # torch is pinned in requirements.txt for CPU/CI; a range here keeps GPU users on their own build.
@@ -33,5 +34,5 @@ setup(
         "gpu": ["flash-attn", "xformers"],
         "dev": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["dopsd=dopsd.cli:main"]},
+    entry_points={"console_scripts": ["dopsd=dopsd.cli:main", "dopsd-world=dopsd_world.cli:main"]},
 )

@@ -113,7 +113,7 @@ def trainer_pairs(model_dir: Path, shards: Path, out: Path, steps: int) -> dict:
             dt = time.perf_counter() - t0
             phases = trainer.timer.reset()
             if i == 0 and name == "cached":
-                loaded_after_cached = trainer.backend._text_encoder is not None or trainer.backend._teacher is not None
+                loaded_after_cached = bool(trainer.backend.loaded_encoders())
             if i > 0:  # the first pair pays warm-up and the live encoders' loading
                 times[name].append(dt)
                 encode[name].append(phases.get("encode", 0.0))

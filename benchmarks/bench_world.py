@@ -3,7 +3,7 @@
     python benchmarks/bench_world.py [--out benchmarks/results/world] [--smoke]
 
 The base is the shipped toy turbo model (dopsd/assets/toy_turbo: a Z-Image-class DiT step-distilled to
-4 Euler steps, made by `python -m dopsd.world.toybase`). Both methods tune a LoRA on the same six images
+4 Euler steps, made by `dopsd-world make-toy-base`). Both methods tune a LoRA on the same six images
 of the held-out `checkered` texture captioned with "[V]" (dopsd/assets/quickstart), through the trainer
 exactly as a user runs it (`dopsd.trainer.Trainer`), with the same step budget, batch, LoRA rank, seed
 and data order. The only knob that differs is `train.objective` (`ema_decay` and `model.teacher_context`
@@ -23,7 +23,8 @@ Protocol (fixed before any result was looked at):
 - retention: on prompts of the base world (no "[V]"), mean attribute accuracy, Fréchet distance of the
   evaluator's features to real world samples, and sharpness (ratio to real samples; < 1 = blur);
 - all at the turbo's 4 steps and at 32 steps (the many-step budget), by the evaluator shipped in
-  dopsd/assets/world_evaluator.safetensors (trained once, before the base model existed);
+  benchmarks/world/assets/world_evaluator.safetensors (package dopsd_world; trained once, before the base
+  model existed);
 - the untuned base is scored the same way as the reference row.
 
 Writes to --out: results.md (table), results.json (every number), curves.png (metrics vs training step,
@@ -52,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 ASSETS = REPO / "dopsd" / "assets"
+from dopsd_world import EVALUATOR_WEIGHTS  # noqa: E402  (the miniature world, installed beside dopsd)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ METHODS = {"sft": Method("SFT", "sft"),
 @dataclass(frozen=True)
 class Protocol:
     model: str = str(ASSETS / "toy_turbo")
-    evaluator: str = str(ASSETS / "world_evaluator.safetensors")
+    evaluator: str = str(EVALUATOR_WEIGHTS)
     data: str = str(ASSETS / "quickstart")
     steps: int = 200
     batch_size: int = 4
@@ -94,7 +96,7 @@ SMOKE = dict(steps=4, lrs=(1e-3,), seeds=(1,), eval_every=2, many_steps=8, conce
 
 
 def prompt_sets(world_seeds: tuple[int, int], n_concept: int, n_retention: int) -> dict:
-    from dopsd.world import PLACEHOLDER, captions, concept_samples, sample_world
+    from dopsd_world import PLACEHOLDER, captions, concept_samples, sample_world
 
     _, concept = concept_samples(n_concept, seed=world_seeds[0])
     _, old = sample_world(n_retention, seed=world_seeds[1])
@@ -108,7 +110,7 @@ class Scorer:
     def __init__(self, p: Protocol):
         from dopsd.config import ModelConfig
         from dopsd.models import load_backend
-        from dopsd.world.evaluator import load_evaluator
+        from dopsd_world.evaluator import load_evaluator
 
         size = 32
         self.p = p

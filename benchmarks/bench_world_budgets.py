@@ -10,7 +10,7 @@ curved the toy's flow is, on bench_world's report prompt sets and noise seeds, a
 
 - the shipped turbo;
 - the model before step distillation (`--pre-distillation`: the `incontext-*.safetensors` stage cache of a
-  `dopsd make-toy-base --work DIR` build with the default settings; its transformer weights are loaded);
+  `dopsd-world make-toy-base --work DIR` build with the default settings; its transformer weights are loaded);
 - the final LoRAs of a `bench_world.py --work WORK` run (`--runs WORK`; the report seeds' runs).
 
 Writes budgets.md and budgets.json to --out. Nothing is asserted; tests run `--smoke`.
@@ -45,7 +45,7 @@ def models(scorer: bw.Scorer, pre_distillation: str, loras: list[tuple[str, int,
     if pre_distillation:
         from safetensors.torch import load_file
 
-        from dopsd.world.toybase import module_state
+        from dopsd_world.toybase import module_state
 
         t = scorer.transformer(None)
         # strict: a cache of other settings fails here, not silently

@@ -1,4 +1,7 @@
-"""The `dopsd` command: train, sample, export, make-shards, make-tiny-model."""
+"""The `dopsd` command: train, sample, export, make-shards, make-tiny-model.
+
+Every subcommand imports its modules when it runs, so that `dopsd --help` (and a mistyped command) imports no
+torch. The miniature world's toy-base builder is not here: it is `dopsd-world make-toy-base` (dopsd_world)."""
 from __future__ import annotations
 
 import argparse
@@ -50,9 +53,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .config import ModelConfig
     from .models import load_backend
     from .sampling import generate, save_grid
-    from .trainer import resolve_device
+    from .dist import DistInfo, device_for
 
-    device = resolve_device(args.device)
+    device = device_for(DistInfo(), args.device)
     backend = load_backend(ModelConfig(backend=args.backend, path=args.model), device=str(device))
     transformer = backend.transformer
     if args.lora:
@@ -117,13 +120,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_make_toy_base(args: argparse.Namespace) -> int:
-    from .world.toybase import run
-
-    return run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .models import BACKENDS  # a name list: no torch
     parser = argparse.ArgumentParser(prog="dopsd", description="D-OPSD trainer for step-distilled DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -147,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="few-step samples from a base model and an optional LoRA")
     p.add_argument("--model", required=True, help="local model directory")
-    p.add_argument("--backend", default="zimage")
+    p.add_argument("--backend", default="zimage", choices=BACKENDS)
     p.add_argument("--lora", help="diffusers-format LoRA (.safetensors or its folder)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--reference", action="append", metavar="IMAGE",
@@ -177,17 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-init checkpoint (offline, from a seed)")
     p.add_argument("out_dir")
-    p.add_argument("--backend", default="zimage")
+    p.add_argument("--backend", default="zimage", choices=BACKENDS)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
-
-    from .world.toybase import add_arguments
-
-    p = sub.add_parser("make-toy-base", help="train the miniature world's toy turbo model (VAE, pretraining, "
-                                             "4-step distillation; dopsd/world/toybase.py)")
-    add_arguments(p)
-    p.set_defaults(func=cmd_make_toy_base)
     return parser
+
+
+# Commands that left the library: a user who types one is told where it went, and nothing is imported.
+MOVED = {"make-toy-base": "dopsd-world make-toy-base (the miniature world's own command, package dopsd_world)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in MOVED:
+        print(f"dopsd: error: {argv[0]} moved out of dopsd: run {MOVED[argv[0]]}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if getattr(args, "seed", None) is None and args.command == "sample":
         args.seed = [0]

@@ -10,6 +10,7 @@ implements the same surface:
   gathered(params)  context in which sharded parameters are whole (for export)
   local(param)      the tensor this rank owns of a parameter (EMA updates act on it)
   wrap_frozen(m)    a frozen module placed like the model (the full fine-tune teacher)
+  full_state_dict() whole module weights for an export on rank 0 (None: the module's own state_dict is whole)
 """
 from __future__ import annotations
 
@@ -142,6 +143,9 @@ class TorchEngine:
     def wrap_frozen(self, module: nn.Module) -> nn.Module:
         return module
 
+    def full_state_dict(self) -> None:
+        return None  # every rank holds the whole module
+
 
 def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     groups: dict[tuple, list[torch.Tensor]] = {}
@@ -150,11 +154,12 @@ def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def build_engine(cfg, module: nn.Module):
+def build_engine(cfg, module: nn.Module, ds_config: dict | None = None):
+    """`ds_config`: the DeepSpeed JSON already built from the run config (engine.type deepspeed)."""
     t = cfg.train
     if cfg.engine.type == "deepspeed":
         from .engine_deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(module, cfg)
+        return DeepSpeedEngine(module, cfg, ds_config)
     return TorchEngine(module, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                        grad_clip=t.grad_clip)

@@ -102,12 +102,12 @@ def zero3_transformer_loader(ds_config: dict):
 
 
 class DeepSpeedEngine:
-    def __init__(self, module: nn.Module, cfg):
+    def __init__(self, module: nn.Module, cfg, ds_config: dict | None = None):
         import deepspeed
 
         t = cfg.train
         self.cfg = cfg
-        self.ds_config = build_ds_config(cfg)
+        self.ds_config = ds_config if ds_config is not None else build_ds_config(cfg)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.named_params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not self.named_params:

@@ -7,9 +7,9 @@ import torch
 # "recipe": the authors' training schedules (their released scripts); "pipeline": the inference pipeline's.
 SCHEDULES = ("recipe", "pipeline")
 
-# The authors' hard-coded Z-Image-Turbo training schedules, K -> K + 1 sigmas (paper.md 2.1 and 9). The 8-step
-# list is close to a shift-6 warp, not the pipeline's shift 3 ([1, .9545, .9, ...]). For other K there is no
-# authors' list; the zimage backend falls back to the pipeline's schedule (shift 3 on Z-Image-Turbo).
+# The authors' hard-coded Z-Image-Turbo training schedules, K -> K + 1 sigmas (their released script,
+# github.com/vvvvvjdy/D-OPSD). The 8-step list is close to a shift-6 warp, not the pipeline's shift 3
+# ([1, .9545, .9, ...]). For other K there is no authors' list; the zimage backend falls back to the pipeline's schedule (shift 3 on Z-Image-Turbo).
 # The released script builds these as bf16 timesteps (t = 1 - sigma: 0.1 becomes 0.10009765625); dopsd keeps
 # them exact (float64 here, float32 in the model call) and does not replicate that rounding.
 ZIMAGE_RECIPE_SIGMAS = {

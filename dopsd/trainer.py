@@ -20,7 +20,7 @@ from .config import Config, dump_config
 from .data import DataError, build_data
 from .data.references import reference_tensors
 from .data.sampler import sample_seed
-from .dist import (DistInfo, all_gather_object, all_mean, all_true, barrier, broadcast_object, device_for,
+from .dist import (all_gather_object, all_mean, all_true, barrier, broadcast_object, device_for,
                    init_distributed)
 from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
@@ -34,10 +34,6 @@ from .teacher import EmaTeacher
 log = logging.getLogger("dopsd")
 
 MAX_BAD_STEPS = 20  # consecutive steps without an applied update before the run stops
-
-
-def resolve_device(name: str) -> torch.device:
-    return device_for(DistInfo(), name)
 
 
 class Trainer:
@@ -116,7 +112,7 @@ class Trainer:
             module.enable_gradient_checkpointing()
         module.train()
 
-        self.engine = build_engine(cfg, module)
+        self.engine = build_engine(cfg, module, ds_config)
         self.model = self.engine.model  # what forwards go through (the DeepSpeed engine wraps the module)
         self.module = self.engine.module
         if self.teacher is not None:
@@ -251,7 +247,7 @@ class Trainer:
             if self.is_main:
                 self.backend.save_lora(state, meta, out)
         else:
-            state = self.engine.full_state_dict() if hasattr(self.engine, "full_state_dict") else None
+            state = self.engine.full_state_dict()
             if self.is_main:
                 self.backend.save_transformer(self.module, out, state_dict=state)
         barrier()

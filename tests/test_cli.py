@@ -47,3 +47,16 @@ def test_python_module_entry_point_accepts_train_arguments(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dopsd.train", "--config", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_help_imports_no_torch_and_no_research_code():
+    """`dopsd --help` stays instant: building the parser imports no subcommand's modules (no torch), and the
+    library never imports the miniature world (dopsd_world sits beside it)."""
+    code = ("import sys, dopsd.cli; dopsd.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'dopsd_world')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+    r = _dopsd("--help")
+    assert r.returncode == 0 and "make-shards" in r.stdout and "make-toy-base" not in r.stdout
+    r = _dopsd("make-toy-base", "--out", "x")  # moved: the user is told where
+    assert r.returncode == 2 and "dopsd-world make-toy-base" in r.stderr

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from dopsd.config import ModelConfig
 from dopsd.models import load_backend
-from dopsd.world import PLACEHOLDER, captions, concept_samples, sample_world
-from dopsd.world.evaluator import load_evaluator
 from dopsd.sampling import sample_batch as sample
-from dopsd.world.toybase import QUALITY_BAR, ToyBaseSettings, make_toy_base, strip_texture
+from dopsd_world import EVALUATOR_WEIGHTS, PLACEHOLDER, captions, concept_samples, sample_world
+from dopsd_world.evaluator import load_evaluator
+from dopsd_world.toybase import QUALITY_BAR, ToyBaseSettings, make_toy_base, strip_texture
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "dopsd" / "assets"
@@ -38,7 +38,7 @@ def test_strip_texture_removes_every_texture_phrase():
 
 
 def test_settings_defaults_are_the_shipped_checkpoints():
-    """`python -m dopsd.world.toybase` with no --set reproduces the shipped toy turbo only while the defaults
+    """`dopsd-world make-toy-base` with no --set reproduces the shipped toy turbo only while the defaults
     are the settings its report.json records."""
     from dataclasses import asdict
 
@@ -67,13 +67,13 @@ def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
 
 
 def test_data_parallel_build_matches_one_process(tmp_path):
-    """`torchrun --nproc_per_node 2 -m dopsd.world.toybase`: each rank computes half of every global batch (and
+    """`torchrun --nproc_per_node 2 -m dopsd_world.toybase`: each rank computes half of every global batch (and
     half of the trajectories) and gradients are averaged, so the model is the one-process model up to float
     summation order; the work cache written by rank 0 alone is reused."""
     import socket
 
     from dopsd.models.zimage_tiny import build_tiny_components
-    from dopsd.world.toybase import world_corpus
+    from dopsd_world.toybase import world_corpus
 
     sets = dict(num_images=48, num_unnamed=16, vae_steps=2, vae_batch=8, pretrain_steps=4, incontext_steps=3, batch=8,
                 trajectories=256, teacher_steps=8, distill_steps=3, dit_dim=64, dit_layers=1, threads=1,
@@ -90,7 +90,7 @@ def test_data_parallel_build_matches_one_process(tmp_path):
         port = sock.getsockname()[1]
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "dopsd.world.toybase", "--out", str(tmp_path / "two"), "--work", str(tmp_path / "work"), *args]
+           "-m", "dopsd_world.toybase", "--out", str(tmp_path / "two"), "--work", str(tmp_path / "work"), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -120,7 +120,7 @@ def test_data_parallel_build_matches_one_process(tmp_path):
 def test_mixed_batches_route_each_sample_to_its_context():
     """Pretraining batches mix text, VLM and DiT-reference samples; `velocity` splits them into one plain and
     one omni call and puts every prediction back in its place."""
-    from dopsd.world.toybase import REFERENCE, TEXT, VLM, contexts, velocity
+    from dopsd_world.toybase import REFERENCE, TEXT, VLM, contexts, velocity
 
     backend = _tiny_backend()
     pixels, attrs = sample_world(5, seed=7)
@@ -140,7 +140,7 @@ def test_mixed_batches_route_each_sample_to_its_context():
 def _tiny_backend():
     """An untrained toy-base backend over live components (as the script builds it)."""
     from dopsd.models.zimage_tiny import build_tiny_components
-    from dopsd.world.toybase import build_backend, world_corpus
+    from dopsd_world.toybase import build_backend, world_corpus
 
     s = ToyBaseSettings(dit_dim=64, dit_layers=1)
     c = build_tiny_components(0, dit_dim=64, dit_layers=1, text_hidden=s.text_hidden, vae_channels=s.vae_channels,
@@ -153,7 +153,7 @@ def _tiny_backend():
 def test_image_token_span_points_at_the_reference_image_tokens():
     """The auxiliary reconstruction head reads the teacher context's image tokens: the span must start right
     after the (image-independent) template prefix and hold one token per merged patch."""
-    from dopsd.world.toybase import image_token_span
+    from dopsd_world.toybase import image_token_span
 
     s = ToyBaseSettings(dit_dim=64, dit_layers=1)
     backend = _tiny_backend()
@@ -182,7 +182,7 @@ def test_script_options_for_in_context_experiments(tmp_path):
 @pytest.fixture(scope="module")
 def toy():
     torch.manual_seed(0)
-    return _backend(TOY), load_evaluator(ASSETS / "world_evaluator.safetensors")
+    return _backend(TOY), load_evaluator(EVALUATOR_WEIGHTS)
 
 
 def test_shipped_turbo_reaches_the_quality_bar_at_4_steps(toy):
@@ -209,7 +209,7 @@ def test_shipped_turbo_copies_the_reference_image_in_context(toy):
 
 
 def _concept_teacher_samples(backend, route: str):
-    from dopsd.world.toybase import teacher_samples
+    from dopsd_world.toybase import teacher_samples
 
     pixels, attrs = concept_samples(32, seed=4242)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
@@ -234,7 +234,7 @@ def test_shipped_turbo_renders_the_unseen_texture_from_a_reference(toy):
 
 @pytest.mark.xfail(strict=True, reason="known limit of the shipped toy base: through the Qwen3-VL front-end its "
                    "teacher rarely draws the unseen checkered texture (it cannot decode a texture it has no word "
-                   "for from the encoder's tokens; see toybase's docstring)")
+                   "for from the encoder's tokens; see benchmarks/world/README.md)")
 def test_shipped_turbo_renders_the_unseen_texture_through_the_vlm(toy):
     backend, evaluator = toy
     teacher, attrs = _concept_teacher_samples(backend, "vlm")

@@ -31,6 +31,10 @@ class Backend(Protocol):
         """Privileged context: prompt + target image (images in [0, 1], shape (B, 3, H, W)), after the
         student's references when there are any."""
 
+    def loaded_encoders(self) -> list[str]:
+        """The conditioning encoders loaded so far, by name ("text_encoder", "teacher_encoder"). A backend may
+        load an encoder on first use: a run whose samples all carry cached features then loads none."""
+
     # --- the network ---
     def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor,
                  context: Any) -> torch.Tensor:
@@ -75,6 +79,32 @@ class Backend(Protocol):
                          state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write full transformer weights in the diffusers `save_pretrained` layout (safetensors); with
         `state_dict`, those tensors (consolidated from shards) instead of the module's own."""
+
+
+@runtime_checkable
+class TeacherEncoderBackend(Backend, Protocol):
+    """A backend whose teacher can read the target image through a separate vision-language encoder
+    (Z-Image's Qwen3-VL front-end, grafted onto the text encoder), or as a clean reference in the DiT's sequence.
+    The feature methods are `encode_student` / `encode_teacher` without no_grad, for callers that train the
+    encoders (the miniature world's toy-base builder); the trainer needs none of this."""
+    teacher_context: str             # the route `encode_teacher` takes: "vlm" or "reference"
+    teacher_pixels: tuple[int, int]  # (min, max) pixels of the image the vision encoder is given
+
+    def student_features(self, prompts: list[str]) -> Any:
+        ...
+
+    def vlm_features(self, prompts: list[str], images: torch.Tensor) -> Any:
+        ...
+
+    def reference_features(self, prompts: list[str], images: torch.Tensor) -> Any:
+        ...
+
+    def teacher_encoder(self) -> tuple[nn.Module, Any, Any]:
+        """(vision-language model, tokenizer, image processor), loaded on first use."""
+
+    def set_teacher_encoder(self, model: nn.Module, tokenizer: Any, image_processor: Any) -> None:
+        """Use this encoder (already grafted onto the text encoder, on the backend's device) instead of
+        loading one."""
 
 
 def refuse_references(backend: str, references: list[torch.Tensor] | None) -> None:

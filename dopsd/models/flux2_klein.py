@@ -3,7 +3,7 @@ text encoder. The teacher context is klein's own reference-image editing path (t
 editing-branch context"): the target image's latents are appended to the noisy tokens as a reference image, and
 one instruction sentence is appended to the prompt.
 
-Two tasks (paper.md 2.3), told apart by the batch's `references`:
+Two tasks, told apart by the batch's `references`:
 - text-to-image: student = prompt; teacher = prompt + EDIT_INSTRUCTION, target as reference 0;
 - editing: student = reference images + instruction (exactly `pipeline(image=refs, prompt=instruction)`);
   teacher = the same references + the target appended as the last one, instruction + EDIT_TASK_INSTRUCTION
@@ -41,14 +41,14 @@ from ..schedule import check_schedule
 
 log = logging.getLogger(__name__)
 
-# The recipe's klein targets (paper.md 2.6) under diffusers 0.42 module names. The released script lists the
+# The recipe's klein targets under diffusers 0.42 module names. The released script lists the
 # feed-forward layers as `ff.net.0.proj` / `ff.net.2` (FLUX.1 names); in `Flux2FeedForward` they are
 # `linear_in` / `linear_out`, and peft would silently match nothing under the old names.
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                 "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
 
-# Appended to the teacher's prompt (paper.md 2.3): text-to-image, where the target is the only reference ...
+# Appended to the teacher's prompt: text-to-image, where the target is the only reference ...
 EDIT_INSTRUCTION = ("Make the main subject (facial/ip details), background, and overall composition consistent "
                     "with the reference image.")
 # ... and editing, where the target follows the sample's own references and must not be read as one more input.
@@ -161,6 +161,9 @@ class Flux2KleinBackend(DiffusersIO):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._warned_truncation = False
         self._check_shapes()
+
+    def loaded_encoders(self) -> list[str]:
+        return ["text_encoder"]  # loaded with the model; the teacher is the model's own reference path
 
     def _check_shapes(self) -> None:
         tc, te = self.transformer.config, self.text_encoder.config

@@ -173,6 +173,19 @@ class ZImageBackend(DiffusersIO):
                                    output_hidden_states=True).hidden_states[-2]
         return self._trimmed_hidden(hidden, mask, self.max_text_tokens)
 
+    def loaded_encoders(self) -> list[str]:
+        return [name for name, part in (("text_encoder", self._text_encoder), ("teacher_encoder", self._teacher))
+                if part is not None]
+
+    def teacher_encoder(self) -> tuple[nn.Module, object, object]:
+        """(Qwen3-VL model, tokenizer, image processor), loaded from `teacher_encoder_path` on first use."""
+        return self._load_teacher_encoder()
+
+    def set_teacher_encoder(self, model: nn.Module, tokenizer, image_processor) -> None:
+        """Use this Qwen3-VL front-end (already grafted onto the text encoder, see `graft_language_model`)
+        instead of loading one from `teacher_encoder_path`."""
+        self._teacher = (model, tokenizer, image_processor)
+
     def _load_teacher_encoder(self):
         if self._teacher is None:
             from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration

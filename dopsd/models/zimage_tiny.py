@@ -33,7 +33,7 @@ def build_tiny_components(seed: int = 0, dit_dim: int = DIT_DIM, dit_layers: int
                           tokenizer_corpus: tuple[str, ...] = ()) -> dict:
     """All components as live objects (random init from `seed`). `dit_dim` / `dit_layers` grow the DiT alone
     (e.g. 768 / 8 gives a ~90M-parameter network for benchmarks); heads are 32 wide. The other sizes shape
-    the miniature world's toy base (dopsd/world/toybase.py); the defaults are the random test checkpoint."""
+    the miniature world's toy base (dopsd_world.toybase); the defaults are the random test checkpoint."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import (Qwen2VLImageProcessorPil, Qwen3Config, Qwen3Model, Qwen3VLConfig,
                               Qwen3VLForConditionalGeneration)

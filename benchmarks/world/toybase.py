@@ -1,60 +1,21 @@
 """The miniature world's toy step-distilled base model ("toy turbo"), made by one reproducible script.
 
-    python -m dopsd.world.toybase --out runs/toy-turbo        (or: dopsd make-toy-base --out ...)
+    dopsd-world make-toy-base --out runs/toy-turbo [--work CACHE] [--evaluator FILE] [--set KEY=VALUE ...]
+    python -m dopsd_world.toybase --out runs/toy-turbo ...                 (the same)
+    torchrun --nproc_per_node N -m dopsd_world.toybase --out ...          (data parallel over N processes)
 
-It is a Z-Image-class checkpoint (the same diffusers/transformers classes, directory layout and backend code
-path as the real model, only small) trained in stages on base-world images plus images whose texture is
-a random *unnamed* tile (`generator.sample_unnamed_textures`); the held-out `checkered` texture is never shown:
+A Z-Image-class checkpoint (the diffusers/transformers classes, directory layout and backend code path of the
+real model, only small), trained in stages on base-world images plus images of random *unnamed* textures (the
+held-out `checkered` texture is never shown): 1. a small VAE; 2. flow-matching pretraining of the DiT and both
+conditioning encoders (Qwen3 text, grafted Qwen3-VL vision), half the samples with the image as context;
+2b. in-context training, where half of the image-context samples reach the DiT as a clean reference image
+(`model.teacher_context: reference`) instead of through the VLM; 3. step distillation to 4 Euler steps by
+trajectory regression. Everything is a function of `ToyBaseSettings`: the defaults reproduce the shipped
+dopsd/assets/toy_turbo (same torch build and thread count); `--work` caches finished stages; `report.json` in
+the output records the settings, each stage's wall time and the evaluator's scores. `--set device=cuda` runs
+stages 2-3 on a GPU. The backend is used through its public protocol (`dopsd.models.base.TeacherEncoderBackend`).
 
-1. **VAE**: a small `AutoencoderKL` (32x32 RGB -> 16x16x8) trained for reconstruction; its latents are then
-   standardised (`shift_factor`, `scaling_factor`) as in Z-Image's VAE config, and its posterior made
-   deterministic (see `make_deterministic`).
-2. **Pretraining**: rectified flow matching of the DiT *and* its conditioning encoders (the Qwen3 text
-   encoder and the grafted Qwen3-VL vision front-end, which share the language weights as in the real
-   teacher). Half the samples are conditioned on text alone (base world); the other half on the image itself
-   plus the full caption, the caption without its texture words, or no text at all -- and half of those show
-   an unnamed texture, which no caption can name. That is the in-context skill D-OPSD's teacher needs:
-   prompt + target image -> the target's look, including what the text has no word for.
-2b. **In-context training** (`incontext_steps`, from the stage-2 weights): image context weighted up, and half
-   of the image-context samples (`p_reference`) given to the DiT as a clean *reference image* in its own omni
-   sequence (diffusers' Z-Image-Omni path; the trainer's `model.teacher_context: reference`) instead of
-   through the VLM. Why both routes: through the VLM the toy never learned to copy a texture it has no word
-   for. A first version without unnamed textures mapped every texture onto the three named ones (teacher
-   rendered the held-out texture 0% of the time); with them, 1.6%. What did *not* help the VLM route, from
-   the stage-2 cache, 1500-2000 further steps weighted to image context each: plain image-context training;
-   unnamed tiles of 2x2-pixel cells (`unnamed_textures=8x2`: the VAE reconstructs those at 0.9-1.0 texture
-   agreement, the default 1-pixel tiles at 0.75-0.8); and that plus `aux_weight=5`, a head making each image
-   token reconstruct its pixels (a linear probe read only 85% of a tile's bits from the context before; the
-   head fits the pixels to 0.006 MSE). In all three the teacher's texture agreement with an unseen reference
-   stayed where it was -- ~0.59 for new tiles and ~0.69 for checkered, where a plain shape scores 0.49-0.50
-   and a perfect copy 1.0: the context carries the texture, but the 96-wide 4-layer DiT does not learn to
-   decode it from the encoder's tokens (trained from scratch on copying alone for 2500 steps, it copies
-   colour, position and background, not shape outlines or textures; 3000 more steps of the stage-2 mix
-   raised shape accuracy 0.36 -> 0.50 but copying only 0.60 -> 0.62). The reference route puts the image's
-   latents on the same spatial grid as the noisy ones, where copying is a lookup: 600 steps of it already
-   took the teacher from 2% to 53% checkered on unseen references. See README, "The miniature world".
-3. **Step distillation** to K = 4 Euler steps by trajectory regression: the pretrained model integrates its
-   ODE with many Euler steps from fixed noise; the student (initialised from it) learns, at each of the
-   4-step schedule's states on that trajectory, the velocity whose Euler step lands on the next state.
-   All three conditioning kinds are distilled, so both teacher routes also work at 4 steps.
-
-Everything is a function of `ToyBaseSettings` (seeded generators, a fixed thread count); rerunning with the
-same settings, torch build and thread count reproduces the weights (the defaults reproduce the shipped
-dopsd/assets/toy_turbo in about 2 h on 2 CPU cores: VAE 4, pretraining 54, in-context training 34, trajectories 10,
-distillation 15 min). `report.json` in the output records the settings, the wall time of each stage and the
-evaluator's scores of the base (many steps) and turbo (4 steps).
-
-`--set device=cuda` runs stages 2-3 on a GPU (noise still drawn on the CPU; deterministic algorithms on), and
-`torchrun --nproc_per_node N -m dopsd.world.toybase ...` splits each step's global batch over N processes
-(data parallel, gradients averaged over gloo; one process is bit-identical to the plain command, N processes
-match it up to float summation order). Measured on one H100 (128-wide 6-layer DiT, global batch 256, a stage-2
-step): 0.87 s in one process (1.13 s with deterministic algorithms), 0.69 s with 4 processes sharing the GPU,
-0.96 s with 8 (deterministic), 1.25 s with 8 processes on its 16 CPU cores and no GPU. So ~300-370 samples/s,
-about 3-4x these 2 CPU cores on the former 96x4 default, and hardly more from more processes. Not profiled there; the
-likely cause, from the code: per-sample work in many tiny kernels (diffusers' Z-Image DiT patchifies, pads and
-unpatchifies each sample in Python; Qwen3-VL's vision attention without flash-attention runs image by image),
-which one GPU serialises however many processes issue it. A
-15-minute GPU slot bought a 156/78/39-step build (4-step mean accuracy 0.80), short of the CPU recipe.
+Why each stage is there, timings on CPU and GPU, and what was tried and did not work: benchmarks/world/README.md.
 """
 from __future__ import annotations
 
@@ -74,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..dist import all_mean, init_distributed
-from ..sampling import sample_batch as sample
+from dopsd.dist import all_mean, init_distributed
+from dopsd.sampling import sample_batch as sample
+
 from .evaluator import ACC_BAR
 from .generator import TEXTURES, VOCAB, captions, sample_world
 
@@ -99,11 +61,7 @@ def world_corpus() -> tuple[str, ...]:
 # What the shipped toy turbo keeps at 4 steps (tests/test_world_toybase.py): on held-out world prompts, the
 # evaluator's bar for real images (`ACC_BAR`, 0.95 mean attribute accuracy); with the image as its only context
 # (no text) and with a reference of the unseen texture, less (the copy blurs small detail; the texture is new).
-# The previous, 96-wide DiT missed the first: its shapes were blobs (shape accuracy 0.40, mean 0.89) -- not
-# the VAE (its reconstructions score 0.977, shape 0.875), not the training noise levels (800 more stage-2b
-# steps with the sigma shift at 1: shape 0.41 -> 0.42), not guidance (classifier-free guidance against a
-# trained empty caption: 0.41 -> 0.38-0.42), but width: from scratch, text only, 1600 steps, shape 0.39 at
-# width 96 and 0.54 at 192; the full recipe at 192 reaches 0.82 before distillation.
+# (Why the DiT is 192 wide: the previous, 96-wide one missed the first bar; see benchmarks/world/README.md.)
 QUALITY_BAR = {"acc_mean": ACC_BAR, "sharpness_ratio": 0.5, "image_only_acc": 0.85, "reference_acc": 0.85}
 
 
@@ -180,12 +138,12 @@ def _cosine_lr(opt: torch.optim.Optimizer, steps: int, warmup: int = 100) -> tor
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-# Data parallel over processes (`torchrun --nproc_per_node N -m dopsd.world.toybase ...`): every rank draws the
+# Data parallel over processes (`torchrun --nproc_per_node N -m dopsd_world.toybase ...`): every rank draws the
 # same global batch from the same seeded streams and computes a strided slice of it; gradients are averaged
 # over ranks, so N is a speed knob only (the result matches one process up to float summation order). Several
 # processes may share one GPU, so the reduction runs over gloo on CPU copies (NCCL refuses two ranks on one
-# device); on one H100 that bought little (module docstring: 0.87 s per 256-sample step in one process, 0.69 s
-# in four); spreading a build over several GPUs is what it is for, not measured here.
+# device); on one H100 that bought little (benchmarks/world/README.md: 0.87 s per 256-sample step in one
+# process, 0.69 s in four); spreading a build over several GPUs is what it is for, not measured here.
 
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
@@ -228,10 +186,22 @@ def _average_grads(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, sched, params: list[torch.nn.Parameter], loss: torch.Tensor,
+                    ema: float | None) -> float:
+    """Backward, average gradients over ranks, clip to norm 1, step; returns the loss's running mean (as logged)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    _average_grads(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+
+
 def build_backend(components: dict, settings: ToyBaseSettings, trainable: bool):
     """A `ZImageBackend` over live components (no directory); the Qwen3-VL front-end is grafted onto the
     text encoder here exactly as the backend does when it loads one from disk."""
-    from ..models.zimage import ZImageBackend, graft_language_model
+    from dopsd.models.zimage import ZImageBackend, graft_language_model
 
     c = components
     backend = ZImageBackend(c["transformer"], c["vae"], c["text_encoder"], c["tokenizer"],
@@ -242,7 +212,7 @@ def build_backend(components: dict, settings: ToyBaseSettings, trainable: bool):
         c["lm_head"] = vl.lm_head  # kept for saving; the backend replaces it (hidden states only)
         graft_language_model(vl, c["text_encoder"])
         vl._dopsd_grafted = True
-    backend._teacher = (vl, c["tokenizer"], c["image_processor"])
+    backend.set_teacher_encoder(vl, c["tokenizer"], c["image_processor"])
     for module in (c["text_encoder"], vl):
         module.requires_grad_(trainable)
         module.train(trainable)
@@ -395,9 +365,9 @@ def image_token_span(backend, size: int) -> tuple[int, int]:
     template puts the image first, so they start after a fixed prefix; checked against the tokenizer."""
     from PIL import Image
 
-    from ..models.zimage import IMAGE_PAD, teacher_text
+    from dopsd.models.zimage import IMAGE_PAD, teacher_text
 
-    _, tok, processor = backend._load_teacher_encoder()
+    _, tok, processor = backend.teacher_encoder()
     min_px, max_px = backend.teacher_pixels
     thw = processor(images=[Image.new("RGB", (size, size))], size={"shortest_edge": min_px, "longest_edge": max_px},
                     return_tensors="pt")["image_grid_thw"][0]
@@ -446,14 +416,14 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
     transformer.train()
     dev = backend.device
     t0 = time.time()
-    mean, std = latent_moments(backend.vae, pool.images)  # the VAE is frozen: encode once, sample per step
+    mean, std = latent_moments(components["vae"], pool.images)  # the VAE is frozen: encode once, sample per step
     ema = None
     mine = _local(s.batch)
     for step in range(s.pretrain_steps):
         # the global batch and all its noise, drawn the same on every rank; this rank computes `mine` of it
         idx, prompts, kinds = pool.draw(rng, s.batch, s, s.p_reference if phase else 0.0)
         idx = torch.tensor(idx)
-        cfg = backend.vae.config
+        cfg = components["vae"].config
         m, sd = mean[idx.to(dev)], std[idx.to(dev)]
         # noise is drawn on the CPU (the same stream on every device), then moved
         x0 = (m + sd * torch.randn(m.shape, generator=gen).to(dev) - cfg.shift_factor) * cfg.scaling_factor
@@ -471,13 +441,7 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
             start, count = span
             features = torch.stack([ctx.features[i][start:start + count] for i in with_image])
             loss = loss + s.aux_weight * head.loss(features, pixels[with_image].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _average_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = _optimizer_step(opt, sched, params, loss, ema)
         if (step + 1) % 100 == 0:
             log.info("pretrain %d/%d loss %.4f (%.0fs)", step + 1, s.pretrain_steps, all_mean(ema),
                      time.time() - t0)
@@ -492,7 +456,7 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
 @torch.no_grad()
 def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
     """Many-step Euler trajectories of the pretrained model, kept at the turbo schedule's points."""
-    from ..schedule import euler_step
+    from dopsd.schedule import euler_step
 
     rng = random.Random(s.seed + 3)
     gen = torch.Generator().manual_seed(s.seed + 3)
@@ -550,13 +514,7 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
         v = velocity(backend, transformer, x, sig, ctx)
         # x0-space weighting (as D-OPSD's loss): errors matter in proportion to the step they move.
         loss = (((v - target) * (sig - sig_next).view(-1, 1, 1, 1)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _average_grads(list(transformer.parameters()))
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = _optimizer_step(opt, sched, list(transformer.parameters()), loss, ema)
         if (step + 1) % 100 == 0:
             log.info("distill %d/%d loss %.5f (%.0fs)", step + 1, s.distill_steps, all_mean(ema),
                      time.time() - t0)
@@ -673,7 +631,7 @@ def _move(components: dict, device: str) -> None:
 
 def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettings(), evaluator=None,
                   work: str | Path | None = None) -> dict:
-    from ..models.zimage_tiny import build_tiny_components, save_zimage_dir
+    from dopsd.models.zimage_tiny import build_tiny_components, save_zimage_dir
 
     s = settings
     work = Path(work) if work else None
