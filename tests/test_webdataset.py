@@ -200,7 +200,7 @@ def test_fully_cached_run_never_loads_the_encoders(cached_shards, tiny_model_dir
     cfg = _config(tiny_model_dir, str(cached_shards[0]), tmp_path / "run", "data.num_workers=2")
     trainer, summary = _run(cfg)
     assert summary["steps"] == 3 and summary["data_skipped"] == {}
-    assert trainer.backend._text_encoder is None and trainer.backend._teacher is None
+    assert trainer.backend.loaded_encoders() == []  # neither the text encoder nor Qwen3-VL
     assert (tmp_path / "run/exports/final/pytorch_lora_weights.safetensors").is_file()
 
 

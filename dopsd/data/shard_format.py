@@ -24,7 +24,7 @@ FEATURES_FORMAT = "dopsd-features/1"
 # Backends whose contexts are lists of per-sample (L, D) token features, which can be cached sample by sample.
 CACHEABLE_BACKENDS = ("zimage",)
 
-# The recipe's ~1 MP aspect-ratio buckets, [height, width] (paper.md 2.1; the list is symmetric).
+# The recipe's ~1 MP aspect-ratio buckets, [height, width] (the authors' released script; the list is symmetric).
 PAPER_BUCKETS = [[1024, 1024], [1152, 896], [896, 1152], [1152, 864], [864, 1152], [1248, 832], [832, 1248],
                  [1280, 720], [720, 1280], [1344, 576], [576, 1344]]
 _UNIT = 16

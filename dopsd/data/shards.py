@@ -173,7 +173,7 @@ def shard_records(urls: list[str], on_error: Callable[[str, str, str], None]) ->
 # Features
 
 class FeatureEncoder:
-    """The run config's backend, used for its encoders only (the transformer is dropped after loading)."""
+    """The run config's backend, used for its encoders only (its DiT and VAE are never loaded: parts load on use)."""
 
     def __init__(self, cfg, mode: str, device: str = "auto"):
         from ..models import load_backend
@@ -192,7 +192,6 @@ class FeatureEncoder:
         self.fingerprint = encoder_fingerprint(cfg.model, cfg.data)
         self.backend_name = cfg.model.backend
         self.backend = load_backend(cfg.model, device=device)
-        self.backend.transformer = None  # only the encoders are needed here
 
     @torch.no_grad()
     def __call__(self, image: Image.Image, captions: list[str]) -> tuple[bytes, tuple[int, int]]:

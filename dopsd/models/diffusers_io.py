@@ -1,6 +1,6 @@
 """What every backend built on a diffusers pipeline class does the same way: LoRA files in the diffusers
-format (and a ComfyUI copy beside them, `dopsd.export_comfyui`), full weights in the `save_pretrained` layout, and
-the Triton kernel patch."""
+format (and a ComfyUI copy beside them, `dopsd.export_comfyui`), full weights in the `save_pretrained` layout,
+the Triton kernel patch, and model parts that load on first use (`LazyPart`)."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +13,43 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+class LazyPart:
+    """A backend's model part (transformer, VAE, text encoder), held as a module or as a loader called on first
+    use, then kept. A caller loads only what it touches: caching features never loads the DiT, `dopsd export`
+    never loads the VAE or the encoders. Assign a module to replace the part, None to drop it."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__.get(self.slot)
+        if value is not None and not isinstance(value, nn.Module):
+            value = value()  # the loader
+            obj.__dict__[self.slot] = value
+            log.info("loaded the %s", self.name)
+        if value is None:
+            raise RuntimeError(f"this {getattr(obj, 'name', '')} backend has no {self.name}")
+        return value
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+    def loaded(self, obj) -> bool:
+        return isinstance(obj.__dict__.get(self.slot), nn.Module)
+
+
 class DiffusersIO:
     pipeline_name: str  # the diffusers pipeline class whose LoRA format and loader the files follow
     kernel_patch: str  # the dopsd_kernels.patch function for this family's blocks
+    transformer = LazyPart()
+    vae = LazyPart()
+    text_encoder = LazyPart()
+
+    def loaded_parts(self) -> list[str]:
+        """The model parts in memory so far, by name."""
+        return [name for name, part in vars(DiffusersIO).items() if isinstance(part, LazyPart) and part.loaded(self)]
 
     def _pipeline(self):
         import diffusers

@@ -32,6 +32,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,6 +140,17 @@ def read_out_layers(model_dir: Path) -> tuple[int, ...]:
     return DEFAULT_OUT_LAYERS
 
 
+class _Config:
+    """Attribute access to a config given as a dict (diffusers' load_config) or as a config object."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, key: str):
+        c = self.__dict__["_config"]
+        return c[key] if isinstance(c, dict) else getattr(c, key)
+
+
 class Flux2KleinBackend(DiffusersIO):
     pipeline_name = "Flux2KleinPipeline"
     kernel_patch = "patch_flux2"
@@ -147,7 +159,11 @@ class Flux2KleinBackend(DiffusersIO):
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device: torch.device,
                  max_text_tokens: int = 512, text_encoder_out_layers: tuple[int, ...] = DEFAULT_OUT_LAYERS,
-                 edit_instruction: str = EDIT_INSTRUCTION, edit_task_instruction: str = EDIT_TASK_INSTRUCTION):
+                 edit_instruction: str = EDIT_INSTRUCTION, edit_task_instruction: str = EDIT_TASK_INSTRUCTION,
+                 configs: dict[str, Any] | None = None):
+        """`transformer`, `vae`, `text_encoder`: modules, or loaders called on first use (`LazyPart`); with loaders
+        pass `configs` {"transformer", "vae", "text_encoder"} (the shapes are checked from them, unloaded)."""
+        configs = configs or {"transformer": transformer.config, "vae": vae.config, "text_encoder": text_encoder.config}
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -158,15 +174,16 @@ class Flux2KleinBackend(DiffusersIO):
         self.out_layers = tuple(text_encoder_out_layers)
         self.edit_instruction = edit_instruction
         self.edit_task_instruction = edit_task_instruction
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.transformer_config = configs["transformer"]
+        self.vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
         self._warned_truncation = False
-        self._check_shapes()
+        self._check_shapes(_Config(configs["transformer"]), _Config(configs["text_encoder"]), _Config(configs["vae"]))
 
     def loaded_encoders(self) -> list[str]:
-        return ["text_encoder"]  # loaded with the model; the teacher is the model's own reference path
+        # the teacher is the model's own reference path: the text encoder is the only encoder
+        return [p for p in self.loaded_parts() if p == "text_encoder"]
 
-    def _check_shapes(self) -> None:
-        tc, te = self.transformer.config, self.text_encoder.config
+    def _check_shapes(self, tc, te, vae) -> None:
         depth = te.num_hidden_layers
         bad = [k for k in self.out_layers if not 0 <= k <= depth]
         if bad:
@@ -175,8 +192,8 @@ class Flux2KleinBackend(DiffusersIO):
         if len(self.out_layers) * te.hidden_size != tc.joint_attention_dim:
             raise ValueError(f"text_encoder_out_layers {self.out_layers}: {len(self.out_layers)} x hidden size "
                              f"{te.hidden_size} != the transformer's joint_attention_dim {tc.joint_attention_dim}")
-        if 4 * self.vae.config.latent_channels != tc.in_channels:
-            raise ValueError(f"the VAE's {self.vae.config.latent_channels} latent channels x 4 (2x2 patchify) != the "
+        if 4 * vae.latent_channels != tc.in_channels:
+            raise ValueError(f"the VAE's {vae.latent_channels} latent channels x 4 (2x2 patchify) != the "
                              f"transformer's in_channels {tc.in_channels}")
         if tc.guidance_embeds:
             log.warning("this transformer has a guidance embedding; like Flux2KleinPipeline, the flux2_klein backend "
@@ -188,9 +205,8 @@ class Flux2KleinBackend(DiffusersIO):
     def from_config(cls, cfg, device: str = "cpu", transformer_loader=None) -> "Flux2KleinBackend":
         """`transformer_loader(cls, path, subfolder, dtype)` replaces `from_pretrained` for the trained network
         (see `dopsd.models.load_backend`); frozen parts are always loaded with `from_pretrained`."""
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
-        from transformers import AutoTokenizer, Qwen3ForCausalLM
-
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+        from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
 
         path = Path(cfg.path)
         if not (path / "transformer").is_dir():
@@ -203,15 +219,22 @@ class Flux2KleinBackend(DiffusersIO):
         new_transformer = transformer_factory("Flux2Transformer2DModel", path, dtype, dev, transformer_loader,
                                               cfg.attention_backend)
 
-        transformer = new_transformer()
-        vae = freeze(AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
-                                                         use_safetensors=True).to(dev))
-        text_encoder = freeze(Qwen3ForCausalLM.from_pretrained(path / "text_encoder", dtype=dtype,
-                                                                use_safetensors=True).to(dev))
+        def load_vae() -> nn.Module:
+            return freeze(AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+                                                             use_safetensors=True).to(dev))
+
+        def load_text_encoder() -> nn.Module:
+            return freeze(Qwen3ForCausalLM.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                           use_safetensors=True).to(dev))
+
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
-        backend = cls(transformer, vae, text_encoder, tokenizer, scheduler_config, dev, cfg.max_text_tokens,
-                      read_out_layers(path))
+        # Every part loads on first use: `dopsd export` needs only the DiT, for instance.
+        configs = {"transformer": dict(Flux2Transformer2DModel.load_config(path, subfolder="transformer")),
+                   "vae": dict(AutoencoderKLFlux2.load_config(path, subfolder="vae")),
+                   "text_encoder": AutoConfig.from_pretrained(path / "text_encoder")}
+        backend = cls(new_transformer, load_vae, load_text_encoder, tokenizer, scheduler_config, dev,
+                      cfg.max_text_tokens, read_out_layers(path), configs=configs)
         backend.new_transformer = new_transformer  # a fresh pretrained copy (full fine-tune teacher)
         return backend
 
@@ -297,7 +320,7 @@ class Flux2KleinBackend(DiffusersIO):
         unit = self.vae_scale_factor * 2  # VAE downsampling x the 2x2 patchify
         if height % unit or width % unit:
             raise ValueError(f"resolution {height}x{width} must be a multiple of {unit} for this model")
-        return (batch, self.transformer.config.in_channels, height // unit, width // unit)
+        return (batch, self.transformer_config["in_channels"], height // unit, width // unit)
 
     def _mu(self, latent_shape: tuple[int, ...], num_steps: int) -> float:
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu

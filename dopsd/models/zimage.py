@@ -80,16 +80,18 @@ class ZImageBackend(DiffusersIO):
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict,
                  teacher_encoder_path: Path, device: torch.device, max_text_tokens: int = 512,
                  teacher_max_tokens: int = 1024, teacher_min_pixels: int = 512 * 512,
-                 teacher_max_pixels: int = 768 * 768, text_encoder_loader=None, teacher_context: str = "vlm"):
+                 teacher_max_pixels: int = 768 * 768, text_encoder_loader=None, teacher_context: str = "vlm",
+                 transformer_config: dict | None = None, vae_config: dict | None = None):
+        """`transformer`, `vae`, `text_encoder`: modules, or loaders called on first use (`LazyPart`); with loaders
+        pass `transformer_config` / `vae_config` (what shapes are computed from without loading weights)."""
         if teacher_context not in TEACHER_CONTEXTS:
             raise ValueError(f"model.teacher_context: {teacher_context!r} is not one of {', '.join(TEACHER_CONTEXTS)}")
         self.teacher_context = teacher_context
         self.transformer = transformer
         self.vae = vae
-        # The text encoder may be given as a loader, called on first use: a run whose samples all carry cached
-        # features (dopsd make-shards) never loads it.
-        self._text_encoder = text_encoder
-        self._text_encoder_loader = text_encoder_loader
+        # A run whose samples all carry cached features (dopsd make-shards) never loads the text encoder.
+        self.text_encoder = text_encoder if text_encoder is not None else text_encoder_loader
+        self.transformer_config = transformer_config or transformer.config
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.teacher_encoder_path = teacher_encoder_path
@@ -97,26 +99,13 @@ class ZImageBackend(DiffusersIO):
         self.max_text_tokens = max_text_tokens
         self.teacher_max_tokens = teacher_max_tokens
         self.teacher_pixels = (teacher_min_pixels, teacher_max_pixels)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len((vae_config or vae.config)["block_out_channels"]) - 1)
         self._teacher = None  # (vl_model, tokenizer, image_processor), loaded on first use (SFT never needs it)
         self._warned_truncation = False
 
-    @property
-    def text_encoder(self) -> nn.Module:
-        if self._text_encoder is None:
-            if self._text_encoder_loader is None:
-                raise RuntimeError("this Z-Image backend has no text encoder")
-            self._text_encoder = self._text_encoder_loader()
-            log.info("loaded the text encoder")
-        return self._text_encoder
-
-    @text_encoder.setter
-    def text_encoder(self, module: nn.Module) -> None:
-        self._text_encoder = module
-
     @classmethod
     def from_config(cls, cfg, device: str = "cpu", transformer_loader=None) -> "ZImageBackend":
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
         from transformers import AutoTokenizer, Qwen3Model
 
 
@@ -128,9 +117,11 @@ class ZImageBackend(DiffusersIO):
         new_transformer = transformer_factory("ZImageTransformer2DModel", path, dtype, dev, transformer_loader,
                                               cfg.attention_backend)
 
-        transformer = new_transformer()
-        vae = freeze(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
-                                                    use_safetensors=True).to(dev))
+
+        def load_vae() -> nn.Module:
+            return freeze(AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+                                                        use_safetensors=True).to(dev))
+
         if not (path / "text_encoder").is_dir():
             raise FileNotFoundError(f"model.path: {path} has no text_encoder/")
 
@@ -141,9 +132,12 @@ class ZImageBackend(DiffusersIO):
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
         teacher_path = Path(cfg.teacher_encoder_path) if cfg.teacher_encoder_path else path / "teacher_encoder"
-        backend = cls(transformer, vae, None, tokenizer, scheduler_config, teacher_path, dev,
+        # Every part loads on first use (the trainer touches the DiT at once; feature caching never does).
+        backend = cls(new_transformer, load_vae, None, tokenizer, scheduler_config, teacher_path, dev,
                       cfg.max_text_tokens, cfg.teacher_max_tokens, cfg.teacher_min_pixels, cfg.teacher_max_pixels,
-                      text_encoder_loader=load_text_encoder, teacher_context=cfg.teacher_context or "vlm")
+                      text_encoder_loader=load_text_encoder, teacher_context=cfg.teacher_context or "vlm",
+                      transformer_config=dict(ZImageTransformer2DModel.load_config(path, subfolder="transformer")),
+                      vae_config=dict(AutoencoderKL.load_config(path, subfolder="vae")))
         backend.new_transformer = new_transformer
         return backend
 
@@ -174,8 +168,8 @@ class ZImageBackend(DiffusersIO):
         return self._trimmed_hidden(hidden, mask, self.max_text_tokens)
 
     def loaded_encoders(self) -> list[str]:
-        return [name for name, part in (("text_encoder", self._text_encoder), ("teacher_encoder", self._teacher))
-                if part is not None]
+        return [name for name, loaded in (("text_encoder", "text_encoder" in self.loaded_parts()),
+                                          ("teacher_encoder", self._teacher is not None)) if loaded]
 
     def teacher_encoder(self) -> tuple[nn.Module, object, object]:
         """(Qwen3-VL model, tokenizer, image processor), loaded from `teacher_encoder_path` on first use."""
@@ -259,7 +253,7 @@ class ZImageBackend(DiffusersIO):
         unit = self.vae_scale_factor * 2  # VAE downsampling x the DiT's 2x2 patches
         if height % unit or width % unit:
             raise ValueError(f"resolution {height}x{width} must be a multiple of {unit} for this model")
-        return (batch, self.transformer.config.in_channels, height // self.vae_scale_factor,
+        return (batch, self.transformer_config["in_channels"], height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
     def schedule_shift(self, latent_shape: tuple[int, ...]) -> float:
