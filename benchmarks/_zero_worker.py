@@ -9,19 +9,12 @@ import resource
 import sys
 from collections import defaultdict
 
-import torch
 import torch.distributed as dist
+
+from _payload import nbytes  # beside this script (run in script mode)
 
 COUNTS = defaultdict(lambda: [0, 0])  # name -> [calls, bytes]
 OUTPUT_ARG = "--bench-out"
-
-
-def _nbytes(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(v) for v in x)
-    return 0
 
 
 def _wrap(name: str, payload_arg: int) -> None:
@@ -32,7 +25,7 @@ def _wrap(name: str, payload_arg: int) -> None:
     def counted(*args, **kwargs):
         payload = args[payload_arg] if len(args) > payload_arg else next(iter(kwargs.values()), None)
         COUNTS[name][0] += 1
-        COUNTS[name][1] += _nbytes(payload)  # output tensor for gathers: what lands on this rank
+        COUNTS[name][1] += nbytes(payload)  # output tensor for gathers: what lands on this rank
         return fn(*args, **kwargs)
 
     setattr(dist, name, counted)

@@ -1,12 +1,15 @@
 """ZeRO-2 vs ZeRO-3 on 1 and 2 ranks: per-rank parameter memory, step time, collective bytes per step.
 
-    python benchmarks/bench_zero.py [--sizes tiny mid] [--steps 6] [--out benchmarks/results/zero_cpu.md]
+    python benchmarks/bench_zero.py [--sizes tiny mid] [--modes lora full] [--stages 2 3] [--ranks 1 2]
+        [--steps 6] [--out benchmarks/results/zero_cpu.md] [--update] [--note LINE]
 
 Each cell is a real `deepspeed` launch of the trainer (D-OPSD LoRA and full fine-tune, fp32, CPU/gloo or
 GPU/nccl, whichever the machine has). "tiny" is the test checkpoint (DiT 0.6M parameters); "mid" widens
 the same DiT to dim 768 x 8 layers (~90M). Step time is the mean over steps 2..N (the first pays warm-up).
 Collective bytes are counted by wrapping torch.distributed before DeepSpeed loads (see _zero_worker.py).
-Figures are written to --out (markdown) and --out with .json; nothing is asserted.
+Figures are written to --out (markdown) and --out with .json; nothing is asserted. With --update, the cells
+measured now replace the rows with the same model/mode/zero/ranks in --out's JSON and the other rows are
+kept; the replaced figures stay in the JSON (`previous`) and in a comparison table of the markdown.
 """
 from __future__ import annotations
 
@@ -96,6 +99,9 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", type=int, default=[2, 3])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/zero_cpu.md"))
+    ap.add_argument("--update", action="store_true",
+                    help="merge these cells into --out's JSON instead of replacing the whole table")
+    ap.add_argument("--note", action="append", default=[], help="a line of text under the table's title")
     args = ap.parse_args()
 
     from dopsd.data.synthetic import write_concept_folder
@@ -114,17 +120,56 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"device": _device(), "rows": rows}, indent=1))
+    notes, steps = list(args.note), {r["model"]: args.steps for r in rows}
+    if args.update and out.with_suffix(".json").exists():
+        rows, notes, steps = _merge(json.loads(out.with_suffix(".json").read_text()), rows, args.steps, notes)
+    out.with_suffix(".json").write_text(json.dumps({"device": _device(), "notes": notes, "steps": steps,
+                                                    "rows": rows}, indent=1))
+    write_markdown(out, _device(), notes, steps, rows)
+    print(f"wrote {out}")
+
+
+def write_markdown(out: Path, device: str, notes: list[str], steps: dict, rows: list[dict]) -> None:
     cols = ["model", "mode", "zero", "ranks", "params_total", "trainable", "param_mb_per_rank",
             "peak_rss_mb_per_rank", "step_s", "allgather_mb_per_step_per_rank", "reduce_mb_per_step_per_rank"]
-    lines = [f"# ZeRO benchmark on {_device()}", "",
-             f"D-OPSD step (K=4 roll-out, batch 1 per rank, 64x64, fp32), mean of steps 2..{args.steps}. "
-             "MB of collectives are what lands on one rank per training step.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    spans = (f"steps 2..{next(iter(steps.values()))}" if len(set(steps.values())) == 1 else
+             ", ".join(f"{m}: steps 2..{n}" for m, n in steps.items()))
+    lines = [f"# ZeRO benchmark on {device}", "",
+             f"D-OPSD step (K=4 roll-out, batch 1 per rank, 64x64, fp32), mean over {spans}. "
+             "MB of collectives are what lands on one rank per training step.", *notes, "",
+             "| " + " | ".join(cols) + " | rerun |", "|" + "---|" * (len(cols) + 1)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + (" | yes |" if "previous" in r else " | |"))
+    rerun = [r for r in rows if "previous" in r]
+    if rerun:
+        keys = ["step_s", "allgather_mb_per_step_per_rank", "reduce_mb_per_step_per_rank", "peak_rss_mb_per_rank"]
+        lines += ["", "Rerun rows, previous figures -> now:", "",
+                  "| model | mode | zero | ranks | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+        for r in rerun:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['zero']} | {r['ranks']} | " +
+                         " | ".join(f"{_cell(r['previous'][k])} -> {_cell(r[k])}" for k in keys) + " |")
     out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+
+
+def _cell(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _merge(old: dict, new_rows: list[dict], steps: int, notes: list[str]) -> tuple[list[dict], list[str], dict]:
+    """Rows of `old` with the cells measured now put in their place (the replaced figures under `previous`)."""
+    key = lambda r: (r["model"], r["mode"], r["zero"], r["ranks"])  # noqa: E731
+    fresh = {key(r): r for r in new_rows}
+    merged = []
+    for r in old["rows"]:
+        n = fresh.pop(key(r), None)
+        if n is None:
+            merged.append(r)
+        else:
+            merged.append({**n, "previous": {k: v for k, v in r.items() if k != "previous"}})
+    span = dict(old.get("steps", {}))
+    for r in new_rows:
+        span.setdefault(r["model"], steps)
+    return merged + list(fresh.values()), list(old.get("notes", [])) + notes, span
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Choices, and why:
 - `managed_gradient_accumulation: false`: D-OPSD backpropagates each roll-out step as it is computed; with
   it, `backward()` only accumulates and `step()` is the one reduction + update per training step;
 - forwards go through the engine object (`model`), whose forward advances ZeRO's micro-step counter so that
-  a second backward in the same step accumulates into, instead of overwriting, the gradient partitions.
+  a second backward in the same step accumulates into, instead of overwriting, the gradient partitions;
+- no ZeRO-3 parameter prefetch for objectives that alternate LoRA adapters between forwards (see below).
 """
 from __future__ import annotations
 
@@ -20,6 +21,21 @@ import torch
 from torch import nn
 
 ENGINE_TAG = "engine"
+
+# No prefetch for objectives whose teacher and student predictions are separate forwards of one LoRA DiT through
+# different adapters (`Objective.alternating_adapters`: teacher forward, then student forward + backward, at
+# every roll-out state). ZeRO-3 prefetches
+# along the module trace it recorded since the previous forward of the wrapped module began (DeepSpeed
+# 0.19.8: runtime/zero/parameter_offload.py:306 calls `reset_step` at every such forward). Here that trace
+# is always the teacher forward, and the student forward leaves it at the first LoRA layer: peft calls
+# `lora_dropout.student` where the trace says `lora_dropout.teacher` (`trace_prologue`,
+# partitioned_param_coordinator.py:213-219). By then the coordinator has issued all-gathers for the rest of
+# the trace (up to stage3_prefetch_bucket_size elements per module entered, :451-485); the invalidation
+# drops them unused (`_invalidate_trace` -> `_clean_inflight_param_registry`, :189-200) and the student
+# gathers them again on demand: 1.5-2 models per student forward instead of one. The teacher forward only
+# records (no prefetch) and the backward runs on the invalidated trace (no prefetch), so a prefetch bucket of
+# 0 removes the wasted gathers and nothing else. A fused forward that calls both adapters in one pass keeps
+# one trace and should keep prefetching (its flag is False). benchmarks/zero_gathers.py measures all this.
 
 
 def build_ds_config(cfg, with_optimizer: bool = True) -> dict[str, Any]:
@@ -57,6 +73,11 @@ def build_ds_config(cfg, with_optimizer: bool = True) -> dict[str, Any]:
         ds["zero_force_ds_cpu_optimizer"] = False  # keep the client AdamW
     ds.pop("optimizer", None)
     ds.pop("scheduler", None)
+    from .objectives import OBJECTIVES
+
+    alternating = cfg.train.mode == "lora" and OBJECTIVES[cfg.train.objective].alternating_adapters
+    if int(zero.get("stage", 0)) >= 3 and alternating:
+        zero["stage3_prefetch_bucket_size"] = 0  # whatever the JSON says: it could only re-gather (see above)
     if not with_optimizer:
         zero.pop("offload_optimizer", None)
         ds.pop("gradient_clipping", None)

@@ -90,6 +90,9 @@ class Objective:
     step: Callable[[StepContext, StepBatch], StepResult]
     needs_teacher: bool  # the trainer builds an EMA / frozen teacher (and its adapter) for it
     term_prefix: str | None = None  # log each term as f"{prefix}{k}" (None: the total only)
+    # LoRA: teacher and student forwards run one after the other through different adapters (ZeRO-3's
+    # prefetch then only re-gathers; engine_deepspeed turns it off)
+    alternating_adapters: bool = False
 
     def __call__(self, ctx: StepContext, batch: StepBatch) -> StepResult:
         return self.step(ctx, batch)
@@ -98,10 +101,10 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def objective(name: str, needs_teacher: bool, term_prefix: str | None = None):
+def objective(name: str, needs_teacher: bool, term_prefix: str | None = None, alternating_adapters: bool = False):
     """Register a step function as `train.objective: name`."""
     def register(fn: Callable[[StepContext, StepBatch], StepResult]) -> Objective:
-        OBJECTIVES[name] = Objective(name, fn, needs_teacher, term_prefix)
+        OBJECTIVES[name] = Objective(name, fn, needs_teacher, term_prefix, alternating_adapters)
         return OBJECTIVES[name]
     return register
 
@@ -120,7 +123,7 @@ def _references(references: list[torch.Tensor] | None) -> dict:
     return {"references": references} if references else {}
 
 
-@objective("dopsd", needs_teacher=True, term_prefix="loss_k")
+@objective("dopsd", needs_teacher=True, term_prefix="loss_k", alternating_adapters=True)
 def dopsd_objective(ctx: StepContext, batch: StepBatch) -> StepResult:
     """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
 
