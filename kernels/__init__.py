@@ -10,6 +10,8 @@ under autograd and `torch.compile`):
     layer_norm_modulated       FLUX.2 `LayerNorm(x) * (1 + scale) + shift`
     gated_residual_layer_norm  FLUX.2 `x + gate * y` [+ next modulated LayerNorm]
     rope_apply                 Z-Image 3-axis RoPE, complex-multiplication form
+    segmented_lora_linear      LoRA mode's packed dual forward: one frozen base linear, teacher / student
+                               adapters on their own rows, gradient through the student rows only
 `dopsd_kernels.reference` holds the eager versions; `dopsd_kernels.patch` swaps the ops into diffusers models.
 
 Dispatch per call: CUDA tensors -> compiled Triton; `TRITON_INTERPRET=1` set before this package is imported
@@ -52,9 +54,10 @@ else:
     from .rms_norm import rms_norm_modulated  # noqa: F401
     from .rms_norm_residual import gated_rms_norm_residual  # noqa: F401
     from .rope import rope_apply  # noqa: F401
+    from .segmented_lora import segmented_lora_linear  # noqa: F401
 
     __all__ = [
         "reference", "distill_loss", "rms_norm_modulated", "gated_rms_norm_residual", "layer_norm_modulated",
-        "gated_residual_layer_norm", "rope_apply", "use_triton", "kernels_enabled", "backend_name", "HAS_TRITON",
-        "INTERPRET", "ENV_SWITCH",
+        "gated_residual_layer_norm", "rope_apply", "segmented_lora_linear", "use_triton", "kernels_enabled",
+        "backend_name", "HAS_TRITON", "INTERPRET", "ENV_SWITCH",
     ]

@@ -126,3 +126,32 @@ def rope_apply(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     xc = torch.view_as_complex(x.to(_upcast(x.dtype)).reshape(*x.shape[:-1], -1, 2))
     f = freqs_cis.to(work).unsqueeze(-2)
     return torch.view_as_real(xc * f).flatten(-2).type_as(x)
+
+
+# ------------------------------------------------------------------------------------------ 5. segmented LoRA
+def segmented_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          a_teacher: torch.Tensor, b_teacher: torch.Tensor, a_student: torch.Tensor,
+                          b_student: torch.Tensor, scale: float, n_teacher: int) -> torch.Tensor:
+    """LoRA mode's packed dual forward through one linear: a frozen base shared by both roles, one adapter each.
+
+    x (N, in) or (B, ..., in): the first `n_teacher` entries of dim 0 are teacher rows, the rest student
+    rows. Each segment is peft's `lora.Linear.forward` with its own adapter,
+    `base(x) + lora_B(lora_A(x)) * scaling` (x cast to the adapter's dtype for the LoRA branch, the sum cast
+    back to the base output's dtype), with A (r, in), B (out, r), scaling = lora_alpha / r. The teacher
+    segment runs under no_grad (no gradient to its rows, its adapter or, from its rows, the base; nothing of
+    it is saved for backward); the results are concatenated along dim 0.
+    """
+    if not 0 <= int(n_teacher) <= x.shape[0]:
+        raise ValueError(f"segmented_lora_linear: n_teacher={n_teacher} outside [0, {x.shape[0]}]")
+
+    def peft_linear(rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        result = F.linear(rows, weight, bias)
+        result_dtype = result.dtype
+        rows = rows.to(lora_a.dtype)
+        result = result + F.linear(F.linear(rows, lora_a), lora_b) * scale
+        return result.to(result_dtype)
+
+    with torch.no_grad():
+        y_teacher = peft_linear(x[:n_teacher], a_teacher, b_teacher)
+    y_student = peft_linear(x[n_teacher:], a_student, b_student)
+    return torch.cat([y_teacher, y_student])

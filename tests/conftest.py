@@ -77,3 +77,14 @@ def _tiny_config(model_dir: Path, data_dir: Path, out_dir: Path, *overrides: str
         "output": {"dir": str(out_dir), "progress_bar": False},
     }
     return from_dict(data, list(overrides))
+
+
+def run_without_triton(code: str, cwd: Path = REPO):
+    """Run `code` in a fresh CPU-only interpreter without TRITON_INTERPRET (kernels must fall back to eager);
+    the completed process."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=cwd)

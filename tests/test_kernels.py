@@ -18,6 +18,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from conftest import run_without_triton  # noqa: E402
 
 import dopsd_kernels as K  # noqa: E402
 from dopsd_kernels import reference as R  # noqa: E402
@@ -132,10 +133,7 @@ def test_no_interpreter_cpu_falls_back_and_kernels_import_nothing_from_dopsd():
         "import kernels\n"
         "assert not hasattr(kernels, 'rms_norm_modulated') and 'kernels.rms_norm' not in sys.modules\n"
         "print('ok')\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+    res = run_without_triton(code)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
