@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,9 @@ from safetensors.torch import load_file
 from dopsd import checkpoint as ckpt
 from dopsd.config import from_dict
 from dopsd.trainer import Trainer
+from test_deepspeed import _port  # a free local port
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(model_dir, data_dir, out_dir, **train) -> dict:
