@@ -15,6 +15,7 @@ existed are trusted as they are.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 import random
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -118,6 +121,60 @@ def damaged_files(path: Path, rank: int = 0, world: int = 1) -> list[str]:
         elif _crc32(file) != crc:
             problems.append(f"{name}: checksum differs from when it was written")
     return problems
+
+
+def plan_resume(cfg, root: Path, rank: int = 0, world: int = 1) -> dict | None:
+    """{"path", "state"} of the checkpoint to resume from (`checkpoint.resume`), checked against this run
+    before any weight is loaded; None for a fresh start. Collective: every rank takes the same decision.
+
+    Every rank checks a share of the files the COMPLETE marker lists; a damaged newest checkpoint falls back
+    to the one before it under `latest` (with a warning) and is refused when named explicitly. Then the saved
+    run state must fit: same world size and batch (the data position and every sample's noise depend on
+    them) and a step not past train.steps."""
+    from .dist import all_gather_object, broadcast_object
+
+    resume, main = cfg.checkpoint.resume, rank == 0
+    try:
+        candidates = broadcast_object(resume_candidates(resume, root) if main else None)
+    except FileNotFoundError as e:  # an explicit path that is not a complete checkpoint: on rank 0 only
+        raise CheckpointError(str(e)) from None
+    for path in candidates:
+        problems = [p for share in all_gather_object(damaged_files(path, rank, world)) for p in share]
+        if not problems:
+            try:  # rank 0's state says how the checkpoint was written; read it now, it is small
+                verdict = load_rank_state(path, 0)[0] if main else None
+            except CheckpointError as e:
+                verdict = str(e)
+            verdict = broadcast_object(verdict)
+            if isinstance(verdict, dict):
+                _check_fits(cfg, path, verdict, world, root)
+                return {"path": path, "state": verdict}
+            problems = [verdict]
+        detail = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        if resume != LATEST:
+            raise CheckpointError(f"checkpoint.resume: {path} is damaged: {detail}")
+        if main:
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous complete checkpoint", path,
+                        detail)
+    if resume and main:
+        log.info("checkpoint.resume=%s: no usable complete checkpoint yet, starting fresh", resume)
+    return None
+
+
+def _check_fits(cfg, path: Path, state: dict, world: int, root: Path) -> None:
+    t = cfg.train
+    saved = (state["world_size"], state["batch_size"])
+    if saved != (world, t.batch_size):
+        raise CheckpointError(
+            f"{path} was written by {saved[0]} ranks x batch {saved[1]} (global batch {saved[0] * saved[1]}); "
+            f"this run has {world} ranks x batch {t.batch_size}. Resuming needs the same world size and "
+            f"train.batch_size (the data position and every sample's noise depend on them): relaunch with "
+            f"{saved[0]} ranks and --set train.batch_size={saved[1]}, or start a new output.dir")
+    if state["step"] > t.steps:
+        raise CheckpointError(
+            f"{path} is at step {state['step']}, past train.steps={t.steps}: nothing to train, and its weights "
+            f"are not those of step {t.steps}. Raise train.steps, or resume from an earlier checkpoint "
+            f"(--resume {root}/step_XXXXXXXX)")
 
 
 def mark_complete(path: Path, root: Path, info: dict, keep: int, files: dict | None = None) -> None:

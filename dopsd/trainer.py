@@ -20,8 +20,7 @@ from .config import Config, dump_config
 from .data import DataError, build_data
 from .data.references import reference_tensors
 from .data.sampler import sample_seed
-from .dist import (all_gather_object, all_mean, all_true, barrier, broadcast_object, device_for,
-                   init_distributed)
+from .dist import all_gather_object, all_mean, all_true, barrier, device_for, init_distributed
 from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
 from .models import check_model_paths, load_backend, make_tiny_model
@@ -29,6 +28,7 @@ from .objectives import OBJECTIVES, StepBatch, StepContext, distill_loss
 from .preemption import Interrupted, Preempted, StopSignals
 from .sampling import generate, save_grid
 from .adapters import add_lora_adapters, student_lora, student_params
+from .checkpoint import plan_resume
 from .teacher import EmaTeacher
 
 log = logging.getLogger("dopsd")
@@ -75,9 +75,7 @@ class Trainer:
         self.data = build_data(cfg, self.info.rank, self.info.world_size)
         if self.data.skipped and self.is_main:
             log.warning("data: skipped %d bad samples %s", sum(self.data.skipped.values()), dict(self.data.skipped))
-        self._resume_from = self._plan_resume()
-        if self._resume_from is not None:
-            self._check_resume_state(self._resume_from["path"], self._resume_from["state"])
+        self._resume_from = plan_resume(cfg, self.ckpt_root, self.info.rank, self.info.world_size)
 
         loader = None
         if ds_config is not None and ds_config["zero_optimization"].get("stage", 0) >= 3:
@@ -278,55 +276,6 @@ class Trainer:
             log.info("checkpoint %s", path)
         barrier()
         return path
-
-    def _plan_resume(self) -> dict | None:
-        """Choose the checkpoint to resume from and check it against this run, before any weight is loaded.
-
-        Every rank checks a share of the files the COMPLETE marker lists; a damaged newest checkpoint falls
-        back to the one before it under `latest` (with a warning) and is refused when named explicitly. Then
-        the saved run state must fit: same world size and batch (the data position and every sample's noise
-        depend on them) and a step not past train.steps. Every rank takes the same decision."""
-        c = self.cfg.checkpoint
-        try:
-            candidates = broadcast_object(ckpt.resume_candidates(c.resume, self.ckpt_root) if self.is_main else None)
-        except FileNotFoundError as e:  # an explicit path that is not a complete checkpoint: on rank 0 only
-            raise ckpt.CheckpointError(str(e)) from None
-        for path in candidates:
-            problems = [p for share in all_gather_object(ckpt.damaged_files(path, self.info.rank,
-                                                                              self.info.world_size)) for p in share]
-            if not problems:
-                try:  # rank 0's state says how the checkpoint was written; read it now, it is small
-                    verdict = ckpt.load_rank_state(path, 0)[0] if self.is_main else None
-                except ckpt.CheckpointError as e:
-                    verdict = str(e)
-                verdict = broadcast_object(verdict)
-                if isinstance(verdict, dict):
-                    return {"path": path, "state": verdict}
-                problems = [verdict]
-            detail = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            if c.resume != ckpt.LATEST:
-                raise ckpt.CheckpointError(f"checkpoint.resume: {path} is damaged: {detail}")
-            if self.is_main:
-                log.warning("checkpoint %s is damaged (%s); falling back to the previous complete checkpoint",
-                            path, detail)
-        if c.resume and self.is_main:
-            log.info("checkpoint.resume=%s: no usable complete checkpoint yet, starting fresh", c.resume)
-        return None
-
-    def _check_resume_state(self, path: Path, state: dict) -> None:
-        t = self.cfg.train
-        saved = (state["world_size"], state["batch_size"])
-        if saved != (self.info.world_size, t.batch_size):
-            raise ckpt.CheckpointError(
-                f"{path} was written by {saved[0]} ranks x batch {saved[1]} (global batch {saved[0] * saved[1]}); "
-                f"this run has {self.info.world_size} ranks x batch {t.batch_size}. Resuming needs the same "
-                f"world size and train.batch_size (the data position and every sample's noise depend on them): "
-                f"relaunch with {saved[0]} ranks and --set train.batch_size={saved[1]}, or start a new output.dir")
-        if state["step"] > t.steps:
-            raise ckpt.CheckpointError(
-                f"{path} is at step {state['step']}, past train.steps={t.steps}: nothing to train, and its weights "
-                f"are not those of step {t.steps}. Raise train.steps, or resume from an earlier checkpoint "
-                f"(--resume {self.ckpt_root}/step_XXXXXXXX)")
 
     def resume(self) -> Path | None:
         plan = self._resume_from
