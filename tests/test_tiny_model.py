@@ -39,7 +39,7 @@ def test_tokenizer_chat_template_and_specials(tiny_model_dir):
 
 
 def test_teacher_encoder_shares_the_text_encoder_weights(backend):
-    vl, _, _ = backend._load_teacher_encoder()
+    vl, _, _ = backend.teacher_encoder()
     lm = vl.model.language_model
     assert all(a is b for a, b in zip(backend.text_encoder.parameters(), lm.parameters()))
     # text only, the grafted language model is the text encoder (M-RoPE with equal axes = 1D RoPE)
@@ -53,7 +53,7 @@ def test_graft_rejects_mismatched_language_model(backend):
     import pytest
     from transformers import Qwen3Config
 
-    vl, _, _ = backend._load_teacher_encoder()
+    vl, _, _ = backend.teacher_encoder()
     other = Qwen3Model(Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=1, num_key_value_heads=1, head_dim=16))
     with pytest.raises(ValueError, match="does not match the text encoder"):
