@@ -82,6 +82,10 @@ class TrainConfig:
     # "per_step": backward after each roll-out step (states are detached, so the gradient equals one
     # backward of the mean, with 1/K of the activation memory). "once": one backward of the mean.
     backward: str = "per_step"
+    # D-OPSD's teacher and student predictions at each roll-out state: "fused" (one pass of the DiT for both
+    # roles: each layer called once, its weights gathered once under ZeRO-3, no autograd work for the teacher;
+    # dopsd/models/dual.py) or "separate" (two forwards, the reference path). Both give the same step.
+    dual_forward: str = "fused"
     mixed_precision: str = "no"  # no | bf16
     # SFT baseline: how sigma is drawn for the noised ground-truth latent.
     sft_sigma_sampling: str = "shifted_uniform"  # shifted_uniform | logit_normal | uniform
@@ -239,6 +243,7 @@ _CHOICES = {
     "train.schedule": ("recipe", "pipeline"),
     "train.loss_space": ("x0", "v"),
     "train.backward": ("per_step", "once"),
+    "train.dual_forward": ("fused", "separate"),
     "train.mixed_precision": ("no", "bf16"),
     "train.sft_sigma_sampling": ("shifted_uniform", "logit_normal", "uniform"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -75,7 +75,8 @@ def build_ds_config(cfg, with_optimizer: bool = True) -> dict[str, Any]:
     ds.pop("scheduler", None)
     from .objectives import OBJECTIVES
 
-    alternating = cfg.train.mode == "lora" and OBJECTIVES[cfg.train.objective].alternating_adapters
+    alternating = cfg.train.mode == "lora" and OBJECTIVES[cfg.train.objective].alternating_adapters and \
+        cfg.train.dual_forward == "separate"
     if int(zero.get("stage", 0)) >= 3 and alternating:
         zero["stage3_prefetch_bucket_size"] = 0  # whatever the JSON says: it could only re-gather (see above)
     if not with_optimizer:

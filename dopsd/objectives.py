@@ -70,6 +70,7 @@ class StepContext:
     loss_space: str = "x0"  # train.loss_space
     per_step_backward: bool = True  # train.backward == "per_step"
     sft_sigma_sampling: str = "shifted_uniform"  # train.sft_sigma_sampling
+    dual_forward: str = "separate"  # train.dual_forward: "fused" calls backend.dual_velocity
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Objective:
     term_prefix: str | None = None  # log each term as f"{prefix}{k}" (None: the total only)
     # LoRA: teacher and student forwards run one after the other through different adapters (ZeRO-3's
     # prefetch then only re-gathers; engine_deepspeed turns it off)
-    alternating_adapters: bool = False
+    alternating_adapters: bool = False  # (with train.dual_forward: separate; the fused pass does not alternate)
 
     def __call__(self, ctx: StepContext, batch: StepBatch) -> StepResult:
         return self.step(ctx, batch)
@@ -128,7 +129,8 @@ def dopsd_objective(ctx: StepContext, batch: StepBatch) -> StepResult:
     """One D-OPSD step: a K-step Euler roll-out driven by the student, distilling the teacher at every state.
 
     `ctx.teacher.active()` yields the module that predicts in teacher mode (same DiT with the teacher adapter,
-    or the EMA copy). Every call below happens in the same order on every rank, whatever the data.
+    or the EMA copy); with `ctx.dual_forward == "fused"` one `backend.dual_velocity` call gives both
+    predictions (same values, one pass through the DiT). Every call below happens in the same order on every rank, whatever the data.
     A non-finite term (`ctx.finite`, agreed by all ranks) is never backpropagated; the roll-out stops there
     and the step keeps the gradient of the finite terms before it. The encoders are called only for a
     context the batch does not bring cached. With editing data (`references`) both encoders get the
@@ -152,10 +154,14 @@ def dopsd_objective(ctx: StepContext, batch: StepBatch) -> StepResult:
     for k in range(num_steps):
         s, s_next = sigmas[k], sigmas[k + 1]
         x = x.detach()  # no backpropagation through the trajectory
-        with timer("teacher"), teacher.active() as teacher_model, autocast():
-            v_t = backend.velocity(teacher_model, x, s, c_teacher)
-        with timer("student"), autocast():
-            v_s = backend.velocity(ctx.student, x, s, c_student)
+        if ctx.dual_forward == "fused":  # both roles in one pass; the teacher's part without autograd
+            with timer("forward"), autocast():
+                v_t, v_s = backend.dual_velocity(teacher.model, ctx.student, x, s, c_teacher, c_student)
+        else:
+            with timer("teacher"), teacher.active() as teacher_model, autocast():
+                v_t = backend.velocity(teacher_model, x, s, c_teacher)
+            with timer("student"), autocast():
+                v_s = backend.velocity(ctx.student, x, s, c_student)
         loss_k = ctx.loss_fn(x, v_s, v_t, s, ctx.loss_space)
         terms.append(loss_k.item())
         if ctx.per_step_backward:

@@ -131,7 +131,7 @@ class Trainer:
             backend=self.backend, student=self.model, teacher=self.teacher, backward=self.engine.backward,
             timer=self.timer, autocast=self.autocast, finite=self._finite, loss_fn=self.loss_fn,
             loss_space=t.loss_space, per_step_backward=t.backward == "per_step",
-            sft_sigma_sampling=t.sft_sigma_sampling)
+            sft_sigma_sampling=t.sft_sigma_sampling, dual_forward=t.dual_forward)
 
         height, width = cfg.data.resolution
         latent_shape = self.backend.latent_shape(t.batch_size, height, width)
@@ -384,7 +384,7 @@ class Trainer:
         objective = phases.pop("objective")
         # roll-out = the objective's own work around the model calls (noise, Euler updates, losses)
         phases["rollout"] = max(0.0, objective - sum(phases.get(p, 0.0) for p in
-                                                       ("encode", "teacher", "student", "backward")))
+                                                       ("encode", "teacher", "student", "forward", "backward")))
         for p in PHASES:
             totals[p] += phases.get(p, 0.0)
         record["step_time"] = time.perf_counter() - t0

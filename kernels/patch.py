@@ -65,7 +65,7 @@ def _unpatch_forward(module: nn.Module) -> bool:
 _EXTERNAL = "_dopsd_external_params"
 
 
-def _register_external(module: nn.Module, params) -> None:
+def register_external(module: nn.Module, params) -> None:
     """Tell DeepSpeed ZeRO-3 that `module`'s forward now reads these (sub-module) parameters directly.
 
     The fused forward reads e.g. `attention_norm1.weight` without calling the norm module, so ZeRO-3's
@@ -215,7 +215,7 @@ def patch_zimage(transformer: nn.Module) -> int:
         if isinstance(module, ZImageTransformerBlock) and _zimage_block_ok(module, RMSNorm):
             if _patch_forward(module, _zimage_block_forward):
                 count += 1
-                _register_external(module, [n.weight for n in (module.attention_norm1, module.attention_norm2,
+                register_external(module, [n.weight for n in (module.attention_norm1, module.attention_norm2,
                                                                module.ffn_norm1, module.ffn_norm2)])
             attn = module.attention
             proc = getattr(attn, "processor", None)
@@ -224,7 +224,7 @@ def patch_zimage(transformer: nn.Module) -> int:
                 new.__dict__.update(proc.__dict__)  # keeps an attention backend / parallel config already set
                 attn.__dict__[_ORIG_PROC] = proc
                 attn.set_processor(new)
-                _register_external(attn, [getattr(n, "weight", None) for n in (attn.norm_q, attn.norm_k)
+                register_external(attn, [getattr(n, "weight", None) for n in (attn.norm_q, attn.norm_k)
                                           if n is not None])
                 count += 1
         elif isinstance(module, FinalLayer):

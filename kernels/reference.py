@@ -153,5 +153,6 @@ def segmented_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     with torch.no_grad():
         y_teacher = peft_linear(x[:n_teacher], a_teacher, b_teacher)
-    y_student = peft_linear(x[n_teacher:], a_student, b_student)
+    # own storage for the student rows: autograd saves them, and a view would keep the teacher rows too
+    y_student = peft_linear(x[n_teacher:].clone() if n_teacher else x, a_student, b_student)
     return torch.cat([y_teacher, y_student])

@@ -12,8 +12,8 @@ dtype for the LoRA branch, the result cast back to the base output's dtype).
 Autograd: the teacher segment is outside autograd. Only the student rows carry gradient: dx of the student
 rows, dA_s, dB_s, and dW / dbias from the student rows when the base requires grad (LoRA mode freezes it:
 requires_grad=False, then nothing is computed for it). Teacher rows of dx are zero; A_t and B_t never get a
-gradient (they are detached). For backward the op saves the student rows of x (a view of the packed input,
-no copy), the student's x A_s^T (n_student, r), W, A_s and B_s: nothing whose size depends on the teacher
+gradient (they are detached). For backward the op saves the student rows of x (copied out of the packed input
+when it holds teacher rows: a view would keep their storage), the student's x A_s^T (n_student, r), W, A_s and B_s: nothing whose size depends on the teacher
 segment, and nothing at all for the x rows when neither dA_s nor dW is wanted.
 
 What runs where: the base GEMM x W^T + b (and g W, g^T x in the backward) is cuBLAS through torch, which a
@@ -290,8 +290,11 @@ def _setup(ctx, inputs, output):
     need = ctx.needs_input_grad
     ctx.flags = (bool(need[0]), bool(need[1]), bias is not None and bool(need[2]), bool(need[5]), bool(need[6]))
     need_dx, need_dw, _, need_da, need_db = ctx.flags
-    # the student rows only (a view: no copy); nothing of the teacher segment is kept
-    x_s = x[n_teacher:] if (need_da or need_dw) else None
+    # the student rows only, in storage of their own when there are teacher rows (a view would keep the whole
+    # packed input, teacher rows included, alive until the backward); nothing of the teacher segment is kept
+    x_s = None
+    if need_da or need_dw:
+        x_s = x[n_teacher:].clone() if n_teacher else x
     ctx.save_for_backward(x_s, xa_s if need_db else None, weight, a_s, b_s)
     ctx.scale, ctx.n_teacher = scale, n_teacher
 

@@ -40,6 +40,12 @@ class Backend(Protocol):
                  context: Any) -> torch.Tensor:
         """v = noise - data predicted by `transformer` at state x (B, C, h, w); sigma is a float or (B,)."""
 
+    def dual_velocity(self, teacher_model: nn.Module, student_model: nn.Module, x: torch.Tensor,
+                      sigma: float | torch.Tensor, c_teacher: Any, c_student: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v_teacher, v_student) at state x in one fused pass of the DiT (`train.dual_forward: fused`,
+        dual.py): equal to `velocity` with the teacher (no grad) and with the student, but each layer is called
+        once for both roles. `teacher_model` is `student_model` in LoRA mode (two adapters, one network)."""
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         ...
 

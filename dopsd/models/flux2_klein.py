@@ -316,6 +316,12 @@ class Flux2KleinBackend(DiffusersIO):
         # Only the noisy-latent tokens are predictions; reference tokens are context.
         return unpack(out[:, :height * width], height, width)
 
+    def dual_velocity(self, teacher_model: nn.Module, student_model: nn.Module, x: torch.Tensor,
+                      sigma: float | torch.Tensor, c_teacher, c_student) -> tuple[torch.Tensor, torch.Tensor]:
+        from .flux2_dual import dual_velocity
+
+        return dual_velocity(self, teacher_model, student_model, x, sigma, c_teacher, c_student)
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         unit = self.vae_scale_factor * 2  # VAE downsampling x the 2x2 patchify
         if height % unit or width % unit:

@@ -249,6 +249,12 @@ class ZImageBackend(DiffusersIO):
             out = transformer(latents, 1.0 - sig, [c.to(dtype) for c in context], return_dict=False)[0]
         return -torch.stack(out).squeeze(2)  # the DiT predicts data - noise
 
+    def dual_velocity(self, teacher_model: nn.Module, student_model: nn.Module, x: torch.Tensor,
+                      sigma: float | torch.Tensor, c_teacher, c_student) -> tuple[torch.Tensor, torch.Tensor]:
+        from .zimage_dual import dual_velocity
+
+        return dual_velocity(self, teacher_model, student_model, x, sigma, c_teacher, c_student)
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         unit = self.vae_scale_factor * 2  # VAE downsampling x the DiT's 2x2 patches
         if height % unit or width % unit:
