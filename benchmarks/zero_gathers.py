@@ -1,8 +1,9 @@
-"""ZeRO-3 parameter all-gathers per phase of a D-OPSD training step: teacher forward, student forward,
-backward, optimizer.
+"""ZeRO-3 parameter all-gathers per phase of a D-OPSD training step: teacher forward, student forward (or
+their fused forward), backward, optimizer.
 
     python benchmarks/zero_gathers.py [--size tiny|mid] [--mode lora|full] [--steps 3] [--ranks 2]
-        [--resolution 32] [--prefetch-bucket N] [--mixed-precision no|bf16] [--out FILE.json]
+        [--resolution 32] [--prefetch-bucket N] [--mixed-precision no|bf16] [--dual-forward fused|separate]
+        [--out FILE.json]
 
 A real `deepspeed --num_accelerators N` launch (CPU/gloo, or GPU/nccl when there is one) of the trainer, with
 this file as the worker script. In each rank, torch.distributed's all-gathers are wrapped before DeepSpeed
@@ -42,7 +43,7 @@ from _payload import nbytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"tiny": {}, "mid": {"dit_dim": 768, "dit_layers": 8}}  # as benchmarks/bench_zero.py
-PHASES = ("teacher", "student", "backward", "optimizer")
+PHASES = ("teacher", "student", "forward", "backward", "optimizer")  # "forward": the fused pass of both roles
 WORKER_FLAG = "--worker"
 
 # --- counters (worker side) ------------------------------------------------------------------------------
@@ -222,15 +223,16 @@ def summarize(per_rank: list[dict], skip_first: bool = True) -> dict:
 
 def run(model_dir: Path, data_dir: Path, work: Path, *, mode: str = "lora", steps: int = 3, ranks: int = 2,
         resolution: int = 32, rollout_steps: int = 4, lora_rank: int = 16, prefetch_bucket: int | None = None,
-        mixed_precision: str = "no", stage_json: str = "zero3.json", timeout: int = 900) -> dict:
+        mixed_precision: str = "no", stage_json: str = "zero3.json", timeout: int = 900,
+        dual_forward: str = "fused") -> dict:
     """One launch; returns the summary (plus the raw per-rank records under "ranks")."""
-    tag = f"{model_dir.name}-{mode}-r{ranks}-pf{prefetch_bucket}-{mixed_precision}-{time.time_ns()}"
+    tag = f"{model_dir.name}-{mode}-{dual_forward}-r{ranks}-pf{prefetch_bucket}-{mixed_precision}-{time.time_ns()}"
     out_dir = work / tag
     cfg = {
         "model": {"path": str(model_dir), "teacher_min_pixels": 1024, "teacher_max_pixels": 4096},
         "lora": {"rank": lora_rank, "alpha": lora_rank},
         "train": {"mode": mode, "steps": steps, "batch_size": 1, "lr": 1e-4, "rollout_steps": rollout_steps,
-                  "mixed_precision": mixed_precision},
+                  "mixed_precision": mixed_precision, "dual_forward": dual_forward},
         "data": {"path": str(data_dir), "resolution": [resolution, resolution]},
         "output": {"dir": str(out_dir), "progress_bar": False, "tensorboard": False},
         "checkpoint": {"every": 0},
@@ -256,6 +258,7 @@ def run(model_dir: Path, data_dir: Path, work: Path, *, mode: str = "lora", step
         raise RuntimeError(f"{tag} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     per_rank = [json.loads((work / f"{tag}.gathers.rank{i}.json").read_text()) for i in range(ranks)]
     return {**summarize(per_rank), "mode": mode, "ranks": ranks, "mixed_precision": mixed_precision,
+            "dual_forward": dual_forward,
             "ranks_raw": per_rank}
 
 
@@ -285,6 +288,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--prefetch-bucket", type=int, default=None)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--dual-forward", default="fused", choices=["fused", "separate"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -295,7 +299,8 @@ def main() -> None:
     data = write_concept_folder(work / "data", count=4, size=args.resolution, seed=0)
     model = make_tiny_zimage(work / f"zimage-{args.size}", seed=0, **SIZES[args.size])
     summary = run(model, data, work, mode=args.mode, steps=args.steps, ranks=args.ranks, resolution=args.resolution,
-                  prefetch_bucket=args.prefetch_bucket, mixed_precision=args.mixed_precision)
+                  prefetch_bucket=args.prefetch_bucket, mixed_precision=args.mixed_precision,
+                  dual_forward=args.dual_forward)
     print(table(summary))
     print("\n".join(["trace invalidations (first ones, rank 0):", *summary["invalidated"]]))
     if args.out:

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 # The order the trainer reports its per-step time split in.
-PHASES = ("data", "encode", "rollout", "teacher", "student", "backward", "optimizer")
+PHASES = ("data", "encode", "rollout", "teacher", "student", "forward", "backward", "optimizer")  # forward: fused pass
 
 
 class StepTimer:

@@ -215,7 +215,8 @@ def test_lora_targets_exist_and_bad_out_layers_are_refused(klein_dir):
                           text_encoder_out_layers=(1, 2))
 
 
-@pytest.mark.parametrize("overrides", [(), ("model.gradient_checkpointing=true", "train.mixed_precision=bf16"),
+@pytest.mark.parametrize("overrides", [("train.dual_forward=separate",),
+                                       ("model.gradient_checkpointing=true", "train.mixed_precision=bf16"),
                                        ("train.objective=sft",)], ids=["dopsd", "dopsd-ckpt-bf16", "sft"])
 def test_lora_run_writes_a_lora_that_loads_in_the_pipeline(klein_dir, pipe, tmp_path, overrides):
     from dopsd.data.synthetic import write_concept_folder
@@ -234,14 +235,19 @@ def test_lora_run_writes_a_lora_that_loads_in_the_pipeline(klein_dir, pipe, tmp_
     n = 8 * 8
     calls = []
     hook = trainer.backend.transformer.register_forward_pre_hook(
-        lambda m, a, kw: calls.append((kw["hidden_states"].shape[1], torch.is_grad_enabled())), with_kwargs=True)
+        lambda m, a, kw: calls.append((kw["hidden_states"].shape[1] if "hidden_states" in kw else "fused",
+                                       torch.is_grad_enabled())), with_kwargs=True)
     summary = trainer.fit()
     hook.remove()
     assert summary["steps"] == 3
-    # teacher calls (no grad) carry the reference tokens; every student call with grad sees the noisy ones only
-    assert sum(1 for t, g in calls if t == 2 * n) == (3 * 4 if dopsd else 0)
-    assert all(not g for t, g in calls if t == 2 * n)
-    assert sum(1 for t, g in calls if g) == (3 * 4 if dopsd else 3) and all(t == n for t, g in calls if g)
+    if dopsd and cfg.train.dual_forward == "fused":  # one call for both roles per roll-out state, with grad
+        assert [g for t, g in calls if t == "fused"] == [True] * (3 * 4)
+        assert not any(g for t, g in calls if t != "fused")  # the rest: validation sampling
+    else:
+        # teacher calls (no grad) carry the reference tokens; every student call with grad sees the noisy ones
+        assert sum(1 for t, g in calls if t == 2 * n) == (3 * 4 if dopsd else 0)
+        assert all(not g for t, g in calls if t == 2 * n)
+        assert sum(1 for t, g in calls if g) == (3 * 4 if dopsd else 3) and all(t == n for t, g in calls if g)
 
     lora = Path(summary["final"]) / "pytorch_lora_weights.safetensors"
     from safetensors import safe_open

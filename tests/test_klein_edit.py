@@ -195,7 +195,7 @@ def test_edit_run_writes_a_lora_that_loads_in_the_pipeline(klein_dir, pipe, tmp_
         "model": {"backend": "flux2_klein", "path": str(klein_dir), "max_text_tokens": tokens},
         "lora": {"rank": 4, "alpha": 8},
         "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "rollout_steps": 2, "ema_decay": 0.9,
-                  "objective": objective},
+                  "objective": objective, "dual_forward": "separate"},  # the hook below counts separate calls
         "data": {"path": str(data), "resolution": [32, 32]},
         "validation": {"prompts": [INSTRUCTION], "seeds": [0], "references": [str(data / "000.ref0.png")]},
         "output": {"dir": str(tmp_path / "run"), "progress_bar": False, "tensorboard": False},

@@ -24,7 +24,7 @@ def _check_common_outputs(cfg, summary, records):
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         assert r["loss"] > 0 and r["grad_norm"] > 0 and r["lr"] == cfg.train.lr
-        for phase in ("data", "encode", "rollout", "teacher", "student", "backward", "optimizer"):
+        for phase in ("data", "encode", "rollout", "teacher", "student", "forward", "backward", "optimizer"):
             assert f"time.{phase}" in r
     grid = Image.open(summary["samples"])
     # 1 prompt row; base block and tuned block, 2 seeds each, 32 px images

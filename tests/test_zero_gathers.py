@@ -27,6 +27,23 @@ def _zero_gathers():
     return module
 
 
+def check_fused_gathers(summary: dict, rollout_steps: int) -> None:
+    """The fused pass gathers the base and both adapters once for both roles: each fused forward at most
+    that (x TOL), and the step at most K of them plus its backwards'."""
+    both = summary["params_total"]  # the frozen base + both adapters: what one fused pass uses
+    for rank in summary["ranks_raw"]:
+        for i, step in enumerate(rank["steps"]):
+            events = step["events"]
+            assert [e["phase"] for e in events if e["phase"] in ("teacher", "student", "forward")] == \
+                ["forward"] * rollout_steps, events
+            backwards = [e["gathered"] for e in events if e["phase"] == "backward"]
+            for e in events:
+                if e["phase"] == "forward":
+                    assert e["gathered"] <= TOL * both, f"rank {rank['rank']} step {i + 1}: {e}"
+            total = step["step"]["gathered"]
+            assert total <= TOL * (rollout_steps * both + sum(backwards)), (total / both, backwards)
+
+
 def check_gathers(summary: dict, rollout_steps: int) -> None:
     """Per training step and rank: each teacher / student forward gathers at most one forward's parameters
     (x TOL), each backward at most one, and the step as a whole (counted over all of train_step) at most
@@ -54,6 +71,17 @@ def test_each_forward_of_a_zero3_dopsd_lora_step_gathers_the_model_once(tiny_mod
 
     zg = _zero_gathers()
     data = write_concept_folder(tmp_path / "data", count=4, size=32, seed=0)
-    summary = zg.run(tiny_model_dir, data, tmp_path, steps=2, rollout_steps=K, lora_rank=4, timeout=600)
+    summary = zg.run(tiny_model_dir, data, tmp_path, steps=2, rollout_steps=K, lora_rank=4, timeout=600,
+                     dual_forward="separate")
     assert [len(r["steps"]) for r in summary["ranks_raw"]] == [2, 2]
     check_gathers(summary, K)
+
+
+def test_a_fused_zero3_dopsd_lora_forward_gathers_the_model_once_for_both_roles(tiny_model_dir, tmp_path):
+    from dopsd.data.synthetic import write_concept_folder
+
+    zg = _zero_gathers()
+    data = write_concept_folder(tmp_path / "data", count=4, size=32, seed=0)
+    summary = zg.run(tiny_model_dir, data, tmp_path, steps=2, rollout_steps=K, lora_rank=4, timeout=600)
+    assert [len(r["steps"]) for r in summary["ranks_raw"]] == [2, 2]
+    check_fused_gathers(summary, K)
