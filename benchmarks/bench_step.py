@@ -1,7 +1,7 @@
 """One D-OPSD LoRA training step four ways: the authors' loop vs dopsd's separate, fused, fused + cached.
 
     python benchmarks/bench_step.py [--sizes tiny mid] [--repeats 5] [--k 4] [--resolution 64 [96]]
-        [--batch 2] [--lora-rank 16] [--zero] [--out benchmarks/results/step_cpu.md]
+        [--batch 2] [--lora-rank 16] [--threads N] [--zero] [--out benchmarks/results/step_cpu.md]
 
 official: the authors' Z-Image LoRA step (reference/paper.md section 0), written out below: text encoder, VLM
 and a VAE encode of the target every step, K teacher + K student forwards as separate calls, ONE backward of
@@ -340,10 +340,14 @@ def main() -> int:
     ap.add_argument("--resolution", type=int, nargs="+", default=[64], help="one value, or one per size")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a shared box "
+                    "1 thread keeps a neighbour's job from stalling both of ours")
     ap.add_argument("--zero", action="store_true", help="also measure ZeRO-3 all-gathers (deepspeed launches)")
     ap.add_argument("--zero-steps", type=int, default=3, help="trainer steps per launch (the first is skipped)")
     ap.add_argument("--out", default="benchmarks/results/step_cpu.md")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     resolutions = dict(zip(args.sizes, args.resolution * len(args.sizes)))  # one value for all, or one each
     if len(args.resolution) not in (1, len(args.sizes)):
         ap.error("--resolution: one value, or one per size")
