@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -359,16 +360,24 @@ def main() -> int:
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(["python", *sys.argv]), "args": vars(args), "sizes": {}, "zero": {}}
     work = Path(tempfile.mkdtemp(prefix="dopsd-bench-step-"))
-    for size in args.sizes:
-        model_dir = make_tiny_zimage(work / f"zimage-{size}", seed=0, **SIZES[size])
-        res["sizes"][size] = bench_size(size, model_dir, args, resolutions[size])
-        if args.zero:
-            res["zero"][size] = zero_size(model_dir, work, resolutions[size], args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.write_text(markdown(res))
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+    def write() -> None:  # after every part: a long run stopped midway keeps what it measured
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        out.write_text(markdown(res))
+        print(f"wrote {out} and {out.with_suffix('.json')}", flush=True)
+
+    try:
+        for size in args.sizes:
+            model_dir = make_tiny_zimage(work / f"zimage-{size}", seed=0, **SIZES[size])
+            res["sizes"][size] = bench_size(size, model_dir, args, resolutions[size])
+            write()
+            if args.zero:
+                res["zero"][size] = zero_size(model_dir, work, resolutions[size], args)
+                write()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
