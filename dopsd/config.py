@@ -37,6 +37,8 @@ class ModelConfig:
     dtype: str = "float32"  # storage dtype of frozen weights: float32 | bfloat16
     gradient_checkpointing: bool = False
     attention_backend: str = ""  # diffusers attention backend name; empty = default (SDPA)
+    # Regional torch.compile of the DiT's repeated blocks (dopsd/models/compile.py).
+    compile: bool = False
     # Triton kernels (dopsd_kernels) in the DiT blocks and the loss: auto (on CUDA) | always | never.
     # DOPSD_KERNELS=0 in the environment turns them off whatever this says.
     kernels: str = "auto"
@@ -62,6 +64,13 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 1
     lr: float = 1e-4
+    # The learning rate over the run (dopsd/optim.py: diffusers' get_scheduler over train.steps optimizer steps):
+    # linear warmup from 0 for warmup_steps, then constant | cosine (to 0) | linear (to 0).
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    # Micro-batches of train.batch_size per optimizer step (gradients summed, each micro-batch's loss / N, so
+    # grad_accum N x batch B computes what batch N*B does; one data position and one checkpoint per optimizer step).
+    grad_accum: int = 1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -240,6 +249,7 @@ _CHOICES = {
     "model.teacher_context": ("", "vlm", "reference"),
     "lora.init": ("gaussian", "zeros"),
     "train.mode": ("lora", "full"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.schedule": ("recipe", "pipeline"),
     "train.loss_space": ("x0", "v"),
     "train.backward": ("per_step", "once"),
@@ -274,12 +284,12 @@ def validate(cfg: Config) -> Config:
         if v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
-    for key in ("train.steps", "train.batch_size", "train.rollout_steps", "lora.rank", "lora.alpha",
+    for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.rollout_steps", "lora.rank", "lora.alpha",
                 "train.lr", "train.eps", "model.max_text_tokens", "model.teacher_max_tokens",
                 "output.log_every", "model.teacher_min_pixels", "model.teacher_max_pixels",
                 "engine.rendezvous_timeout_s"):
         positive(key)
-    for key in ("train.weight_decay", "train.grad_clip", "data.num_workers", "validation.every",
+    for key in ("train.warmup_steps", "train.weight_decay", "train.grad_clip", "data.num_workers", "validation.every",
                 "validation.steps", "output.save_every", "checkpoint.every", "checkpoint.keep"):
         positive(key, allow_zero=True)
     if not 0.0 <= cfg.train.ema_decay <= 1.0:

@@ -5,7 +5,8 @@ implements the same surface:
   model           what to call for forwards (the DeepSpeed engine wraps the module: its forward keeps ZeRO's
                   gradient-accumulation bookkeeping right when backward runs several times per step)
   module          the bare nn.Module (adapters, config, state dict)
-  zero_grad() / backward(loss) / step() -> (grad_norm, applied)
+  zero_grad() / backward(loss) / step() -> (grad_norm, applied); step() and
+                  skip_step() (nothing to apply) advance the lr schedule (optim.py)
   save(dir) / load(dir)
   gathered(params)  context in which sharded parameters are whole (for export)
   local(param)      the tensor this rank owns of a parameter (EMA updates act on it)
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .optim import build_lr_scheduler, build_optimizer
 
 
 class TorchEngine:
@@ -38,19 +41,20 @@ class TorchEngine:
 
     zero_stage = 0
 
-    def __init__(self, module: nn.Module, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, grad_clip: float):
+    def __init__(self, module: nn.Module, train_cfg):
+        """`train_cfg`: the run's TrainConfig (optimizer, schedule, clipping)."""
         self.module = self.model = module
         self.named_params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not self.named_params:
             raise ValueError("no trainable parameters")
         self.params = list(self.named_params.values())
-        self.grad_clip = grad_clip
+        self.grad_clip = train_cfg.grad_clip
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if self.world_size > 1:
             self._broadcast_from_main(self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.optimizer = build_optimizer(self.params, train_cfg)
+        self.scheduler = build_lr_scheduler(self.optimizer, train_cfg)
 
     @staticmethod
     def _comm_device(t: torch.Tensor) -> torch.device:
@@ -97,11 +101,17 @@ class TorchEngine:
             self._average_gradients()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(norm):
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        else:
             self.zero_grad()
-            return norm, False
-        self.optimizer.step()
-        return norm, True
+        self.scheduler.step()  # a skipped step still counts: the rate is a function of the step number
+        return norm, applied
+
+    def skip_step(self) -> None:
+        """A step with nothing to apply still advances the schedule."""
+        self.scheduler.step()
 
     @property
     def lr(self) -> float:
@@ -118,6 +128,7 @@ class TorchEngine:
         save_file({n: p.detach().contiguous() for n, p in self.named_params.items()},
                   directory / "trainable.safetensors")
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
 
     def load(self, checkpoint: Path) -> None:
         from safetensors.torch import load_file
@@ -131,6 +142,8 @@ class TorchEngine:
             for n, p in self.named_params.items():
                 p.copy_(state[n])
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        if (directory / "scheduler.pt").is_file():  # checkpoints from before schedules: a constant rate
+            self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
 
     # --- placement ---
     def gathered(self, params):
@@ -156,10 +169,8 @@ def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 def build_engine(cfg, module: nn.Module, ds_config: dict | None = None):
     """`ds_config`: the DeepSpeed JSON already built from the run config (engine.type deepspeed)."""
-    t = cfg.train
     if cfg.engine.type == "deepspeed":
         from .engine_deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(module, cfg, ds_config)
-    return TorchEngine(module, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                       grad_clip=t.grad_clip)
+    return TorchEngine(module, cfg.train)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .optim import build_lr_scheduler, build_optimizer
+
 ENGINE_TAG = "engine"
 
 # No prefetch for objectives whose teacher and student predictions are separate forwards of one LoRA DiT through
@@ -134,11 +136,11 @@ class DeepSpeedEngine:
         self.named_params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not self.named_params:
             raise ValueError("no trainable parameters")
-        optimizer = torch.optim.AdamW(list(self.named_params.values()), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                      weight_decay=t.weight_decay)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(
+        optimizer = build_optimizer(list(self.named_params.values()), t)
+        # DeepSpeed steps a client scheduler in engine.step() and keeps its state in its checkpoints
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=list(self.named_params.values()),
-            config=self.ds_config)
+            lr_scheduler=build_lr_scheduler(optimizer, t), config=self.ds_config)
         self.module = self.model.module
 
     def zero_grad(self) -> None:
@@ -157,6 +159,9 @@ class DeepSpeedEngine:
             raise FloatingPointError(f"non-finite gradient norm ({norm}) under DeepSpeed; resume from the last "
                                      f"checkpoint with a lower train.lr")
         return norm, True
+
+    def skip_step(self) -> None:
+        self.scheduler.step()
 
     @property
     def lr(self) -> float:

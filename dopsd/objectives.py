@@ -84,6 +84,24 @@ class StepBatch:
     teacher_context: Any = None
     references: list[torch.Tensor] | None = None  # editing data: one (B, 3, H_i, W_i) batch per slot
 
+    def split(self, n: int) -> list["StepBatch"]:
+        """`n` equal micro-batches, in order (gradient accumulation): sample i keeps its generator, so its noise
+        is the same whichever micro-batch it lands in."""
+        size, rest = divmod(len(self.prompts), n)
+        if rest:
+            raise ValueError(f"a batch of {len(self.prompts)} does not split into {n} equal micro-batches")
+        if n == 1:
+            return [self]
+
+        def part(value, j: int):
+            return None if value is None else value[j * size:(j + 1) * size]
+
+        return [StepBatch(prompts=part(self.prompts, j), images=part(self.images, j),
+                          generators=part(self.generators, j), sigmas=self.sigmas,
+                          student_context=part(self.student_context, j), teacher_context=part(self.teacher_context, j),
+                          references=None if self.references is None else [part(r, j) for r in self.references])
+                for j in range(n)]
+
 
 @dataclass(frozen=True)
 class Objective:

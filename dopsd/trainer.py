@@ -7,6 +7,7 @@ StepBatch per step). The same code runs one process
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from .dist import all_gather_object, all_mean, all_true, barrier, device_for, in
 from .engine import build_engine
 from .metrics import PHASES, RunLog, StepTimer
 from .models import check_model_paths, load_backend, make_tiny_model
-from .objectives import OBJECTIVES, StepBatch, StepContext, distill_loss
+from .objectives import OBJECTIVES, StepBatch, StepContext, StepResult, distill_loss
 from .preemption import Interrupted, Preempted, StopSignals
 from .sampling import generate, save_grid
 from .adapters import add_lora_adapters, student_lora, student_params
@@ -72,7 +73,10 @@ class Trainer:
             from .engine_deepspeed import build_ds_config
 
             ds_config = build_ds_config(cfg)
-        self.data = build_data(cfg, self.info.rank, self.info.world_size)
+        # With gradient accumulation the data source serves every optimizer step's samples at once (grad_accum x
+        # batch_size per rank) and train_step splits them: positions, checkpoints and per-sample noise then name
+        # the same samples as a run with batch_size x grad_accum.
+        self.data = build_data(_per_step_batch(cfg), self.info.rank, self.info.world_size)
         if self.data.skipped and self.is_main:
             log.warning("data: skipped %d bad samples %s", sum(self.data.skipped.values()), dict(self.data.skipped))
         self._resume_from = plan_resume(cfg, self.ckpt_root, self.info.rank, self.info.world_size)
@@ -108,6 +112,12 @@ class Trainer:
                 log.info("Triton kernels patched into %d modules", patched)
         if cfg.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()
+        if cfg.model.compile:  # after adapters, kernels and checkpointing: it compiles the blocks as they are now
+            from .models.compile import compile_blocks
+
+            compiled = compile_blocks(self.backend, module)
+            if self.is_main:
+                log.info("torch.compile: %d blocks compiled", compiled)
         module.train()
 
         self.engine = build_engine(cfg, module, ds_config)
@@ -128,7 +138,7 @@ class Trainer:
         self.num_trainable = sum(_numel(p) for p in self.engine.named_params.values())
         self.timer = StepTimer(sync_cuda=self.device.type == "cuda")
         self.step_context = StepContext(
-            backend=self.backend, student=self.model, teacher=self.teacher, backward=self.engine.backward,
+            backend=self.backend, student=self.model, teacher=self.teacher, backward=self._backward,
             timer=self.timer, autocast=self.autocast, finite=self._finite, loss_fn=self.loss_fn,
             loss_space=t.loss_space, per_step_backward=t.backward == "per_step",
             sft_sigma_sampling=t.sft_sigma_sampling, dual_forward=t.dual_forward)
@@ -154,6 +164,10 @@ class Trainer:
         # Noise is named by (seed, step, place in the global batch): independent of rank count and resumes.
         return [torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, self.step, g))
                 for g in self.data.global_offsets]
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # each micro-batch's loss is a mean over its samples: / N makes the sum over N of them the mean over all
+        self.engine.backward(loss / self.cfg.train.grad_accum if self.cfg.train.grad_accum > 1 else loss)
 
     @staticmethod
     def _finite(loss: torch.Tensor) -> bool:
@@ -183,19 +197,24 @@ class Trainer:
         self.engine.zero_grad()
         step_batch = StepBatch(prompts=prompts, images=images, generators=self._generators(), sigmas=sigmas,
                                references=references, **cached)
-        with self.timer("objective"):
-            result = self.objective(self.step_context, step_batch)
+        lr = self.engine.lr  # the rate this step's update uses (step() advances the schedule)
+        results = []
+        for micro in step_batch.split(t.grad_accum):  # gradients accumulate; one optimizer step below
+            with self.timer("objective"):
+                results.append(self.objective(self.step_context, micro))
+        result = _merged(results)
         with self.timer("optimizer"):
             applied = False
             grad_norm = float("nan")
-            if result.backpropagated:
+            if any(r.backpropagated for r in results):
                 grad_norm, applied = self.engine.step()
             else:
                 self.engine.zero_grad()
+                self.engine.skip_step()
             if applied and self.teacher is not None:
                 self.teacher.update()
         self.step += 1
-        record = {"step": self.step, "loss": all_mean(result.loss), "grad_norm": grad_norm, "lr": self.engine.lr}
+        record = {"step": self.step, "loss": all_mean(result.loss), "grad_norm": grad_norm, "lr": lr}
         if self.objective.term_prefix:
             record.update({f"{self.objective.term_prefix}{k}": all_mean(v) for k, v in enumerate(result.terms)})
         if not applied:
@@ -423,6 +442,27 @@ class Trainer:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
         return summary
+
+
+def _per_step_batch(cfg: Config) -> Config:
+    """The config the data source sees: train.batch_size x train.grad_accum samples per rank and step."""
+    if cfg.train.grad_accum == 1:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                              batch_size=cfg.train.batch_size * cfg.train.grad_accum))
+
+
+def _merged(results: list[StepResult]) -> StepResult:
+    """One step's result from its micro-batches' (equal sizes): mean loss, mean of each roll-out term over the
+    micro-batches that reached it, and the fewest terms any of them backpropagated (the step still applies
+    the gradient of those that did)."""
+    if len(results) == 1:
+        return results[0]
+    n_terms = max(len(r.terms) for r in results)
+    terms = [sum(r.terms[k] for r in results if len(r.terms) > k) / sum(len(r.terms) > k for r in results)
+             for k in range(n_terms)]
+    return StepResult(loss=sum(r.loss for r in results) / len(results), terms=terms,
+                      backpropagated=min(r.backpropagated for r in results))
 
 
 def _numel(p: torch.Tensor) -> int:

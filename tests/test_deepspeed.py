@@ -154,6 +154,27 @@ def test_zero3_fused_dual_forward_equals_separate(runs, tiny_model_dir, data_dir
             assert _close(fused[step][key], sep[step][key], 1e-5), (step, key)
 
 
+def test_zero3_grad_accum_and_schedule_match_one_process_batch(runs, tiny_model_dir, data_dir):
+    """2 ranks x batch 1 x grad_accum 2 under ZeRO-3 computes what one process with batch 4 does: the same
+    losses, gradient norms and (warmup + cosine) learning rates at every step."""
+    over = {"train": {"steps": 2, "warmup_steps": 1, "lr_schedule": "cosine"}, "checkpoint": {"every": 0},
+            "validation": {"every": 0, "prompts": []}}
+    one = runs["tmp"] / "batch4"
+    cfg = _config(tiny_model_dir, data_dir, one, **over)
+    cfg["train"]["batch_size"] = 4
+    Trainer(from_dict(cfg)).fit()
+    accum = runs["tmp"] / "zero3-accum"
+    cfg = _zero3(_config(tiny_model_dir, data_dir, accum, **over))
+    cfg["train"]["grad_accum"] = 2
+    _launch(cfg, runs["tmp"])
+    a, b = _losses(one), _losses(accum)
+    assert sorted(a) == sorted(b) == [1, 2]
+    assert [a[s]["lr"] for s in (1, 2)] == [b[s]["lr"] for s in (1, 2)] and a[2]["lr"] > 0
+    for step in (1, 2):
+        for key in ("loss", "grad_norm", "loss_k0", "loss_k3"):
+            assert _close(a[step][key], b[step][key], 1e-4), (step, key)
+
+
 def test_offline_export_of_zero3_checkpoint_equals_in_run_export(runs, tmp_path):
     from dopsd.export import export_checkpoint
 
