@@ -32,6 +32,7 @@ setup(
         "distributed": ["deepspeed>=0.18", "webdataset>=1.0"],
         "kernels": ["triton>=3.3"],
         "gpu": ["flash-attn", "xformers"],
+        "track": ["wandb>=0.19"],
         "dev": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["dopsd=dopsd.cli:main", "dopsd-world=dopsd_world.cli:main"]},

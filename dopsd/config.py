@@ -155,6 +155,11 @@ class OutputConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     tensorboard: bool = True
+    # Weights & Biases (pip install wandb): scalars and sample grids, one W&B run per output.dir (resumes continue
+    # it). Offline or self-hosted: the usual WANDB_MODE / WANDB_BASE_URL environment variables.
+    wandb: bool = False
+    wandb_project: str = "dopsd"
+    wandb_run_name: str = ""  # empty: the name of output.dir
     progress_bar: bool = True
 
 

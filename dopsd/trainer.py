@@ -23,7 +23,7 @@ from .data.references import reference_tensors
 from .data.sampler import sample_seed
 from .dist import all_gather_object, all_mean, all_true, barrier, device_for, init_distributed
 from .engine import build_engine
-from .metrics import PHASES, RunLog, StepTimer
+from .metrics import PHASES, RunLog, StepTimer, check_trackers
 from .models import check_model_paths, load_backend, make_tiny_model
 from .objectives import OBJECTIVES, StepBatch, StepContext, StepResult, distill_loss
 from .preemption import Interrupted, Preempted, StopSignals
@@ -68,6 +68,7 @@ class Trainer:
         self.objective = OBJECTIVES[t.objective]
         live_teacher = self.objective.needs_teacher and not (cfg.data.type == "webdataset" and cfg.data.cached_features)
         check_model_paths(cfg.model, teacher_encoder=live_teacher)
+        check_trackers(cfg.output)
         ds_config = None
         if use_ds:
             from .engine_deepspeed import build_ds_config
@@ -153,6 +154,7 @@ class Trainer:
         self.skipped_steps = 0
         self.truncated_steps = 0
         self._base_samples: torch.Tensor | None = None
+        self.run_log: RunLog | None = None  # rank 0, from the start of fit()
 
     # ------------------------------------------------------------------------------------------------
     def autocast(self):
@@ -252,8 +254,11 @@ class Trainer:
         tuned = self.validation_images()
         if tuned is None or not self.is_main:
             return None
-        return save_grid([self._base_samples, tuned], len(self.cfg.validation.prompts),
+        path = save_grid([self._base_samples, tuned], len(self.cfg.validation.prompts),
                          self.run_dir / "samples" / f"{name}.png")
+        if self.run_log is not None:  # the trackers show the grids too
+            self.run_log.image("samples", path, self.step)
+        return path
 
     def export(self, name: str) -> Path:
         """Deployable weights (collective): the student LoRA in diffusers format, or the full transformer."""
@@ -369,7 +374,7 @@ class Trainer:
         run_log = None
         if self.is_main:
             run_log = RunLog(self.run_dir, tensorboard=cfg.output.tensorboard,
-                             resumed_at=self.step if resumed else None)
+                             resumed_at=self.step if resumed else None, output=cfg.output, config=cfg.to_dict())
             if run_log.dropped:
                 log.info("log.jsonl: dropped %d records of steps after %d, logged before this resume", run_log.dropped,
                          self.step)
@@ -384,6 +389,7 @@ class Trainer:
                            "world_size": self.info.world_size, "resumed_from": str(resumed) if resumed else None,
                            "start_step": self.step, "data_samples": self.data.num_samples,
                            "data_skipped": dict(self.data.skipped)})
+        self.run_log = run_log
         return run_log, resumed
 
     def _timed_step(self, batches, totals: dict[str, float]) -> dict:
