@@ -28,6 +28,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
+    if args.check:
+        from .check import check_run, report
+
+        found, problems = check_run(cfg, ranks=args.ranks or _launch_world_size())
+        print(report(found, problems))
+        return 2 if problems else 0
     from .preemption import INTERRUPTED_EXIT_CODE, Interrupted, Preempted, preempted_exit
 
     try:
@@ -47,6 +53,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("samples"):
         print(f"samples: {summary['samples']}")
     return 0
+
+
+def _launch_world_size() -> int:
+    """The world size a launcher announces (torchrun / deepspeed: WORLD_SIZE; srun: SLURM_NTASKS), else 1."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -130,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.lr=1e-4")
     p.add_argument("--output-dir", help="shortcut for --set output.dir=...")
     p.add_argument("--resume", help="'latest' or a checkpoint directory (shortcut for --set checkpoint.resume=...)")
+    p.add_argument("--check", action="store_true",
+                   help="check the config, every path, the data (counts, sizes, bad files) and the checkpoint to "
+                        "resume, without loading a model weight; exit 0 when all is well, 2 otherwise")
+    p.add_argument("--ranks", type=int, help="with --check: the number of ranks the run will have (default: the "
+                                             "launcher's WORLD_SIZE / SLURM_NTASKS, else 1)")
     # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)

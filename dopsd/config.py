@@ -102,8 +102,25 @@ class TrainConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """One entry of data.datasets (dopsd/data/mixture.py). A key left out (None) takes the value of data.<key>."""
+    path: str = ""
+    type: str | None = None  # folder | manifest | webdataset
+    repeats: int = 1  # the dataset appears this many times per epoch
+    weight: float = 0.0  # > 0: a sampling share instead of repeats (then every dataset needs one)
+    caption: str | None = None
+    caption_dropout: float | None = None
+    resolution: list[int] | None = None
+    buckets: list[list[int]] | None = None
+    aspect_buckets: bool | None = None
+    crop: str | None = None
+    placeholder_replacement: str | None = None
+    cached_features: bool | None = None
+
+
+@dataclass
 class DataConfig:
-    type: str = "folder"
+    type: str = "folder"  # folder | manifest (JSONL) | webdataset
     path: str = ""
     resolution: list[int] = field(default_factory=lambda: [1024, 1024])  # [height, width]
     # Replaces the concept placeholder in every caption variant (empty: keep it verbatim, as the recipe does).
@@ -118,6 +135,15 @@ class DataConfig:
     shuffle_buffer: int = 100  # samples held for shuffling per reader worker (they include cached features)
     max_bad_fraction: float = 0.01  # stop the run when more than this fraction of samples read is bad
     cached_features: bool = True  # use encoder features stored in the shards (false: always encode live)
+    # --- your own images (dopsd/data/folder.py: folders and manifests; caption_dropout: every type) ---
+    # Default caption when a sample has none (e.g. "a photo of [V] dog"); with "{caption}" in it, a template
+    # every caption is put into. Precedence: manifest field, NAME.txt, NAME.json, then this.
+    caption: str = ""
+    caption_dropout: float = 0.0  # probability that a sample's caption is replaced by the empty caption ""
+    aspect_buckets: bool = False  # folders/manifests: bucket by aspect ratio as shards do (data.buckets or default)
+    crop: str = "center"  # center | random (seeded per seed, epoch, sample)
+    # Several datasets mixed (folders, manifests, shards); empty: the one dataset data.type + data.path.
+    datasets: list[DatasetConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -262,7 +288,8 @@ _CHOICES = {
     "train.mixed_precision": ("no", "bf16"),
     "train.sft_sigma_sampling": ("shifted_uniform", "logit_normal", "uniform"),
     "train.device": ("auto", "cpu", "cuda"),
-    "data.type": ("folder", "webdataset"),
+    "data.type": ("folder", "manifest", "webdataset"),
+    "data.crop": ("center", "random"),
     "data.sampling": ("epoch", "resampled"),
     "engine.type": ("torch", "deepspeed"),
     "engine.zero_stage": (2, 3),
@@ -275,6 +302,29 @@ def _get(cfg: Config, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _check_dataset(key: str, d: Any) -> None:
+    """The data keys that data.datasets[i] may override, on data (key "data") or one entry (None: inherited)."""
+    for i, b in enumerate(d.buckets or []):
+        if len(b) != 2 or any(r <= 0 or r % 16 for r in b):
+            raise ConfigError(f"{key}.buckets[{i}]: need [height, width], positive multiples of 16, got {b}")
+    res = d.resolution
+    if res is not None and (len(res) != 2 or any(r <= 0 or r % 16 for r in res)):
+        raise ConfigError(f"{key}.resolution: need [height, width], positive multiples of 16, got {res}")
+    if d.caption_dropout is not None and not 0.0 <= d.caption_dropout <= 1.0:
+        raise ConfigError(f"{key}.caption_dropout: must be in [0, 1], got {d.caption_dropout}")
+    for name, choices in (("type", _CHOICES["data.type"]), ("crop", _CHOICES["data.crop"])):
+        if getattr(d, name) is not None and getattr(d, name) not in choices:
+            raise ConfigError(f"{key}.{name}: {getattr(d, name)!r} is not one of {', '.join(choices)}")
+    if isinstance(d, DataConfig):
+        return
+    if not d.path:
+        raise ConfigError(f"{key}.path: required (a folder, a .jsonl manifest or shards)")
+    if d.repeats <= 0:
+        raise ConfigError(f"{key}.repeats: must be > 0, got {d.repeats}")
+    if d.weight < 0:
+        raise ConfigError(f"{key}.weight: must be >= 0, got {d.weight}")
 
 
 def validate(cfg: Config) -> Config:
@@ -311,19 +361,25 @@ def validate(cfg: Config) -> Config:
         positive(key, allow_zero=True)
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    for i, b in enumerate(cfg.data.buckets):
-        if len(b) != 2 or any(r <= 0 or r % 16 for r in b):
-            raise ConfigError(f"data.buckets[{i}]: need [height, width], positive multiples of 16, got {b}")
-    for key in ("data.resolution", "validation.resolution"):
-        res = _get(cfg, key)
-        if key == "validation.resolution" and not res:
-            continue
-        if len(res) != 2 or any(r <= 0 or r % 16 for r in res):
-            raise ConfigError(f"{key}: need [height, width], positive multiples of 16, got {res}")
+    _check_dataset("data", cfg.data)
+    for i, d in enumerate(cfg.data.datasets):
+        _check_dataset(f"data.datasets[{i}]", d)
+    res = cfg.validation.resolution
+    if res and (len(res) != 2 or any(r <= 0 or r % 16 for r in res)):
+        raise ConfigError(f"validation.resolution: need [height, width], positive multiples of 16, got {res}")
     if not cfg.model.path:
         raise ConfigError("model.path: required (a local model directory)")
-    if not cfg.data.path:
-        raise ConfigError("data.path: required")
+    if not cfg.data.path and not cfg.data.datasets:
+        raise ConfigError("data.path: required (or data.datasets, a list of {path, type, repeats, ...})")
+    weighted = [d.weight > 0 for d in cfg.data.datasets]
+    if any(weighted):
+        for i, d in enumerate(cfg.data.datasets):
+            if d.weight <= 0:
+                raise ConfigError(f"data.datasets[{i}].weight: must be > 0 when another dataset has a weight "
+                                  f"(weights are shares of every step; use repeats on all datasets instead)")
+            if d.repeats != 1:
+                raise ConfigError(f"data.datasets[{i}].repeats: weight and repeats exclude each other (got "
+                                  f"weight {d.weight}, repeats {d.repeats})")
     if cfg.model.backend == "flux2_klein" and cfg.model.teacher_context == "vlm":
         raise ConfigError("model.teacher_context: flux2_klein's teacher sees the target through its editing branch "
                           "(reference); it has no VLM route")

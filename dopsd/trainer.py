@@ -29,6 +29,7 @@ from .objectives import OBJECTIVES, StepBatch, StepContext, StepResult, distill_
 from .preemption import Interrupted, Preempted, StopSignals
 from .sampling import generate, save_grid
 from .adapters import add_lora_adapters, student_lora, student_params
+from .check import data_summary, needs_live_teacher
 from .checkpoint import plan_resume
 from .teacher import EmaTeacher
 
@@ -66,8 +67,7 @@ class Trainer:
             make_tiny_model(cfg.model.backend, str(model_dir), seed=cfg.model.tiny_seed)
         barrier()
         self.objective = OBJECTIVES[t.objective]
-        live_teacher = self.objective.needs_teacher and not (cfg.data.type == "webdataset" and cfg.data.cached_features)
-        check_model_paths(cfg.model, teacher_encoder=live_teacher)
+        check_model_paths(cfg.model, teacher_encoder=needs_live_teacher(cfg))
         check_trackers(cfg.output)
         ds_config = None
         if use_ds:
@@ -77,9 +77,9 @@ class Trainer:
         # With gradient accumulation the data source serves every optimizer step's samples at once (grad_accum x
         # batch_size per rank) and train_step splits them: positions, checkpoints and per-sample noise then name
         # the same samples as a run with batch_size x grad_accum.
-        self.data = build_data(_per_step_batch(cfg), self.info.rank, self.info.world_size)
-        if self.data.skipped and self.is_main:
-            log.warning("data: skipped %d bad samples %s", sum(self.data.skipped.values()), dict(self.data.skipped))
+        self.data = build_data(per_step_batch(cfg), self.info.rank, self.info.world_size)
+        if self.is_main:  # what `dopsd train --check` reports: counts per dataset, sizes, the bad files
+            (log.warning if self.data.skipped else log.info)("data: %s", data_summary(self.data.describe()))
         self._resume_from = plan_resume(cfg, self.ckpt_root, self.info.rank, self.info.world_size)
 
         loader = None
@@ -450,7 +450,7 @@ class Trainer:
         return summary
 
 
-def _per_step_batch(cfg: Config) -> Config:
+def per_step_batch(cfg: Config) -> Config:
     """The config the data source sees: train.batch_size x train.grad_accum samples per rank and step."""
     if cfg.train.grad_accum == 1:
         return cfg

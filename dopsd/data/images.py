@@ -3,6 +3,7 @@ centre crop, and the conversion to the (3, H, W) tensors in [0, 1] that batches 
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,20 @@ def decode_image(source: bytes | str | Path) -> Image.Image:
 
 def resize_center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
     """Bicubic resize so the image covers (height, width), then centre-crop (the recipe's bucketing step)."""
+    return resize_crop(img, height, width)
+
+
+def resize_crop(img: Image.Image, height: int, width: int, rng: random.Random | None = None) -> Image.Image:
+    """Bicubic resize so the image covers (height, width), then crop: centred, or (data.crop: random) at an
+    offset drawn from `rng`, which the caller seeds per (seed, epoch, sample) so every rank and a resume agree."""
     img = img.convert("RGB")
     scale = max(height / img.height, width / img.width)
     new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
     img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
+    if rng is None:
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+    else:
+        left, top = rng.randint(0, new_w - width), rng.randint(0, new_h - height)
     return img.crop((left, top, left + width, top + height))
 
 

@@ -40,8 +40,9 @@ from PIL import Image
 
 from .images import IMAGE_EXTS, is_image_file, resize_center_crop, to_tensor
 from .references import folder_layout, member_name, member_slots, ordered, reference_files
-from .samples import BadSample, check_sample, folder_captions, image_member, shard_captions
-from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, apply_placeholder, assign_bucket, caption_variants,
+from .samples import (CAPTION_FIELDS, IMAGE_FIELDS, BadSample, check_sample, folder_captions, image_member,
+                      manifest_captions, manifest_image, manifest_object, manifest_references, shard_captions)
+from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, apply_placeholder, assign_bucket,
                            encoder_fingerprint, pack_features, resolve_buckets)
 
 log = logging.getLogger(__name__)
@@ -90,38 +91,16 @@ def manifest_records(path: Path) -> tuple[int, Iterator[Record]]:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def record(i: int, line: str) -> Record:
-        def parse() -> dict:
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise BadSample("bad_record", f"line {i + 1}: {e}") from None
-            if not isinstance(obj, dict):
-                raise BadSample("bad_record", f"line {i + 1}: not a JSON object")
-            return obj
-
         def load():
-            obj = parse()
-            image = next((obj[k] for k in ("image", "path", "file_name", "file") if isinstance(obj.get(k), str)), None)
-            if image is None:
-                raise BadSample("missing_image", f"line {i + 1}: no image path")
-            image_path = (path.parent / image) if not Path(image).is_absolute() else Path(image)
-            try:
-                captions = next((v for v in (caption_variants(obj[k]) for k in ("captions", "caption", "text", "prompt")
-                                             if obj.get(k) is not None) if v), [])
-            except ValueError as e:
-                raise BadSample("bad_caption", f"line {i + 1}: {e}") from None
-            if not captions:
-                raise BadSample("missing_caption", f"line {i + 1}: no caption")
+            obj = manifest_object(line, i + 1)
+            image_path = manifest_image(obj, i + 1, path.parent)
+            captions = manifest_captions(obj, i + 1)
             try:
                 data = image_path.read_bytes()
             except OSError as e:
                 raise BadSample("bad_image", f"{image_path}: {e}") from None
-            refs = obj.get("references") or []
-            if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-                raise BadSample("bad_reference", f"line {i + 1}: references must be a list of paths")
-            references = _reference_bytes([path.parent / r if not Path(r).is_absolute() else Path(r) for r in refs])
-            extra = {k: v for k, v in obj.items() if k not in ("image", "path", "file_name", "file", "captions",
-                                                                  "caption", "text", "prompt", "references")}
+            references = _reference_bytes(manifest_references(obj, i + 1, path.parent))
+            extra = {k: v for k, v in obj.items() if k not in (*IMAGE_FIELDS, *CAPTION_FIELDS, "references")}
             return data, image_path.suffix[1:].lower(), captions, extra, references
 
         try:

@@ -23,6 +23,12 @@ filled bucket. When the shards split evenly (equal shard sizes, shard count a mu
 bucket counts multiples of the batch size), every sample is used exactly once per epoch.
 `data.sampling: resampled` instead draws each worker's shards with replacement (no per-epoch coverage).
 
+Captions and crops as for folders (folder.py): data.caption is the default caption of samples without one, or
+a "{caption}" template; data.caption_dropout replaces a sample's caption by "" with that probability and data.crop:
+random crops at a random offset, both drawn per (train.seed, epoch, shard name + key), so the same on any rank
+layout. With cached features (data.cached_features and a backend that caches) these three are refused (DataError
+naming the key): the features were made for the shard's own captions and centre crops.
+
 Resume. The position (epoch, seed, steps and samples consumed by this rank, batches taken from each worker,
 bad-sample counters) is stored in every checkpoint. A resume replays each worker's stream up to the batches it
 had delivered (images are decoded to make the same decisions, but not resized, features not loaded), so the
@@ -68,9 +74,10 @@ from PIL import Image
 
 from ..dist import broadcast_object
 from .errors import DataError, DataPathError
-from .images import resize_center_crop, to_tensor
+from .images import resize_crop, to_tensor
 from .references import member_slots, ordered, reference_sizes
-from .samples import BadSample, check_sample, collate, image_member, shard_captions
+from .samples import (BadSample, caption_dropped, check_sample, collate, crop_rng, description, image_member,
+                      shard_captions, with_default)
 from .sampler import sample_seed
 from .shard_io import (count_samples, expand_shard_urls, first_line, local_path, read_index, split_shards,
                        tar_samples)
@@ -126,6 +133,7 @@ class _Item:
     features: bytes | None = None
     roles: tuple[str, ...] = ()
     references: tuple[Image.Image, ...] = ()  # prepared as the pipeline does
+    crop: random.Random | None = None  # data.crop: random (None: centre)
 
     @property
     def batch_key(self) -> tuple:
@@ -155,6 +163,9 @@ class Reader:
     max_student_tokens: int = 512
     max_teacher_tokens: int = 1024
     expected_samples: int = 0
+    caption: str = ""  # data.caption (see folder.py)
+    caption_dropout: float = 0.0
+    crop: str = "center"
 
     def plan(self, epoch: int) -> EpochPlan:
         """Shards, batch budgets and step order of this rank's workers in `epoch` (the same in every process)."""
@@ -234,16 +245,20 @@ class Reader:
             events.append((kind, url, key, why, 0))
 
         try:
-            sample = check_sample(raw[image_member(raw)], lambda: shard_captions(raw),
+            sample = check_sample(raw[image_member(raw)], with_default(lambda: shard_captions(raw), self.caption),
                                   lambda: [data for data, _ in ordered(member_slots(raw))])
         except BadSample as e:
             return skip(e.kind, str(e))
         image, captions, references = sample.image, sample.captions, sample.references
         bucket = assign_bucket(image.width, image.height, self.buckets)
-        rng = random.Random(sample_seed(self.seed, epoch, zlib.crc32(f"{Path(url).name}/{key}".encode())))
+        name = zlib.crc32(f"{Path(url).name}/{key}".encode())  # the sample, whatever rank or worker reads it
+        rng = random.Random(sample_seed(self.seed, epoch, name))
         variant = rng.randrange(len(captions))
-        item = _Item(key, url, image, bucket, apply_placeholder(captions[variant], self.placeholder,
-                                                                self.replacement), variant, references=references)
+        prompt = apply_placeholder(captions[variant], self.placeholder, self.replacement)
+        if caption_dropped(self.caption_dropout, self.seed, epoch, name):
+            prompt = ""  # (refused with cached features: the empty caption's are not in the shard)
+        item = _Item(key, url, image, bucket, prompt, variant, references=references,
+                     crop=crop_rng(self.crop, self.seed, epoch, name))
         payload = raw.get(FEATURES_EXT)
         if self.use_features and payload is not None:
             try:
@@ -261,7 +276,7 @@ class Reader:
 
     def _finish(self, items: list[_Item]) -> dict:
         height, width = items[0].bucket
-        batch = collate([{"image": to_tensor(resize_center_crop(it.image, height, width)), "prompt": it.prompt,
+        batch = collate([{"image": to_tensor(resize_crop(it.image, height, width, it.crop)), "prompt": it.prompt,
                           "key": it.key, "references": [to_tensor(r) for r in it.references]} for it in items])
         batch["shard"] = [it.shard for it in items]
         roles = [r for r in ("student", "teacher") if all(r in it.roles for it in items)]
@@ -399,6 +414,7 @@ class WebDatasetSource:
         self.batch_size = cfg.train.batch_size
         self.seed = cfg.train.seed
         self.max_bad_fraction = d.max_bad_fraction
+        self.path = d.path
         self.urls = expand_shard_urls(d.path)
         survey = broadcast_object(self._safe_survey(d) if rank == 0 else None)
         if "error" in survey:  # raised on every rank alike
@@ -427,6 +443,7 @@ class WebDatasetSource:
         if d.cached_features and not use_features and rank == 0:
             log.info("data: backend %s does not use cached features (supported: %s); encoding live",
                      cfg.model.backend, ", ".join(CACHEABLE_BACKENDS))
+        self._check_cached_settings(d, use_features)
         fingerprint = broadcast_object(encoder_fingerprint(cfg.model, d) if use_features and rank == 0 else None)
         self.reader = Reader(
             rank=rank, batch_size=self.batch_size, seed=self.seed, buckets=resolve_buckets(d), sampling=d.sampling,
@@ -435,7 +452,9 @@ class WebDatasetSource:
             steps_per_epoch=self.steps_per_epoch, counts=counts, use_features=use_features,
             fingerprint=fingerprint or "", feature_dim=feature_dims(cfg.model) if use_features else None,
             max_student_tokens=cfg.model.max_text_tokens, max_teacher_tokens=cfg.model.teacher_max_tokens,
-            expected_samples=sum(counts.values()) if known else 0)
+            expected_samples=sum(counts.values()) if known else 0, caption=d.caption,
+            caption_dropout=d.caption_dropout, crop=d.crop)
+        self.lost_shards = survey["lost"]
         self.global_offsets = [rank * self.batch_size + j for j in range(self.batch_size)]
         self.skipped: Counter[str] = Counter()  # everything this rank has seen so far, by kind
         self._committed: Counter[str] = Counter()  # ... in the batches it has consumed (stored in positions)
@@ -447,6 +466,29 @@ class WebDatasetSource:
                      "per rank, %s sampling, buckets %s%s", len(self.urls), self.num_samples if known else "?",
                      self.steps_per_epoch, world_size, self.batch_size, self.workers, d.sampling,
                      self.reader.buckets, ", cached features used when present" if use_features else "")
+
+    @staticmethod
+    def _check_cached_settings(d, use_features: bool) -> None:
+        """Settings that change a sample's caption or pixels after make-shards cached its features: refused when
+        those features are used (they were made for the shard's own captions and centre crops)."""
+        problems = [("data.caption_dropout", d.caption_dropout > 0, "the empty caption's features are not in them"),
+                    ("data.caption", "{caption}" in d.caption, "the template's captions were not encoded"),
+                    ("data.crop", d.crop == "random", "their teacher features hold the centre crop")]
+        for key, found, why in problems:
+            if use_features and found:
+                raise DataError(f"{key}: {getattr(d, key[5:])!r} does not go with the features cached in the shards "
+                                f"(data.cached_features=true): {why}; set data.cached_features=false to encode "
+                                f"live, or leave {key} at its default")
+
+    def dataset_entry(self) -> dict:
+        """This dataset's part of `describe()` (dopsd/data/__init__.py). Buckets are only known once read: {}."""
+        return {"path": self.path, "type": "webdataset", "samples": self.num_samples, "skipped": dict(self.skipped),
+                "bad_files": [{"path": str(local_path(u) or u), "kind": e["kind"], "why": e["why"]}
+                              for u, e in self.lost_shards.items()],
+                "buckets": {}, "steps_per_epoch": self.steps_per_epoch}
+
+    def describe(self) -> dict:
+        return description([self.dataset_entry()], self.steps_per_epoch)
 
     def _safe_survey(self, d) -> dict:
         """_survey, with its errors handed to every rank (an exception on rank 0 alone would leave the others
