@@ -48,6 +48,26 @@ def test_folder_to_shards_with_bad_inputs_and_indexes(tmp_path):
     assert sum(json.loads(p.read_text())["samples"] for p in (tmp_path / "out").glob("shard-*.tar.json")) == 7
 
 
+def test_default_caption_of_the_config_shards_a_folder_without_caption_files(tmp_path):
+    """make-shards applies data.caption as training does: the default for images without a caption file, and
+    a {caption} template around those with one."""
+    from dopsd.config import from_dict
+
+    src = _images(tmp_path / "in", 3)
+    (src / "img.01.txt").unlink()
+    (src / "img.02.txt").unlink()
+    cfg = from_dict({"model": {"path": "m"}, "data": {"path": str(src), "caption": "a photo of [V] dog"}})
+    summary = make_shards(str(src), str(tmp_path / "out"), cfg=cfg, progress=False)
+    assert summary["samples"] == 3 and not summary["skipped"]
+    captions = {s["__key__"].split("_", 1)[1]: json.loads(s["json"])["captions"] for s in _read(tmp_path / "out")}
+    assert captions == {"img_00": ["first caption 0", "second caption 0"], "img_01": ["a photo of [V] dog"],
+                        "img_02": ["a photo of [V] dog"]}, captions
+    template = from_dict({"model": {"path": "m"}, "data": {"path": str(src), "caption": "[V], {caption}"}})
+    summary = make_shards(str(src), str(tmp_path / "out2"), cfg=template, progress=False)
+    assert summary["samples"] == 1 and summary["skipped"] == {"missing_caption": 2}
+    assert json.loads(_read(tmp_path / "out2")[0]["json"])["captions"][0] == "[V], first caption 0"
+
+
 def test_interrupted_run_resumes_and_skips_finished_shards(tmp_path, monkeypatch):
     src = _images(tmp_path / "in", 10)
     out = tmp_path / "out"
@@ -55,8 +75,8 @@ def test_interrupted_run_resumes_and_skips_finished_shards(tmp_path, monkeypatch
 
     real = shards_mod.folder_records
 
-    def interrupted(root):
-        total, records = real(root)
+    def interrupted(root, *args):
+        total, records = real(root, *args)
 
         def gen():
             for r in records:

@@ -41,7 +41,8 @@ from PIL import Image
 from .images import IMAGE_EXTS, is_image_file, resize_center_crop, to_tensor
 from .references import folder_layout, member_name, member_slots, ordered, reference_files
 from .samples import (CAPTION_FIELDS, IMAGE_FIELDS, BadSample, check_sample, folder_captions, image_member,
-                      manifest_captions, manifest_image, manifest_object, manifest_references, shard_captions)
+                      manifest_captions, manifest_image, manifest_object, manifest_references, shard_captions,
+                      with_default)
 from .shard_format import (CACHEABLE_BACKENDS, FEATURES_EXT, apply_placeholder, assign_bucket,
                            encoder_fingerprint, pack_features, resolve_buckets)
 
@@ -71,12 +72,12 @@ def _reference_bytes(paths: list[Path]) -> list[tuple[bytes, str]]:
 # ---------------------------------------------------------------------------------------------------
 # Inputs
 
-def folder_records(root: Path) -> tuple[int, Iterator[Record]]:
+def folder_records(root: Path, caption: str = "") -> tuple[int, Iterator[Record]]:
     paths, refs = folder_layout(sorted(p for p in root.iterdir() if is_image_file(p)))
 
     def record(i: int, path: Path) -> Record:
         def load():
-            captions = folder_captions(path)
+            captions = with_default(lambda: folder_captions(path), caption)()
             try:
                 ref_paths = reference_files(refs.get(path.stem, {}))
             except ValueError as e:
@@ -87,14 +88,14 @@ def folder_records(root: Path) -> tuple[int, Iterator[Record]]:
     return len(paths), (record(i, p) for i, p in enumerate(paths))
 
 
-def manifest_records(path: Path) -> tuple[int, Iterator[Record]]:
+def manifest_records(path: Path, caption: str = "") -> tuple[int, Iterator[Record]]:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def record(i: int, line: str) -> Record:
         def load():
             obj = manifest_object(line, i + 1)
             image_path = manifest_image(obj, i + 1, path.parent)
-            captions = manifest_captions(obj, i + 1)
+            captions = with_default(lambda: manifest_captions(obj, i + 1), caption)()
             try:
                 data = image_path.read_bytes()
             except OSError as e:
@@ -238,12 +239,14 @@ def _clear(out: Path, first: int) -> None:
             path.unlink()
 
 
-def open_input(spec: str, on_error: Callable[[str, str, str], None]) -> tuple[str, int | None, Iterator[Record]]:
+def open_input(spec: str, on_error: Callable[[str, str, str], None],
+               caption: str = "") -> tuple[str, int | None, Iterator[Record]]:
+    """`caption`: data.caption of the --config (a default caption or template, as training applies it)."""
     path = Path(spec)
     if path.is_dir() and any(is_image_file(p) for p in path.iterdir()):
-        return ("folder", *folder_records(path))
+        return ("folder", *folder_records(path, caption))
     if path.is_file() and path.suffix.lower() in (".jsonl", ".ndjson"):
-        return ("manifest", *manifest_records(path))
+        return ("manifest", *manifest_records(path, caption))
     from .shard_io import expand_shard_urls
 
     return "shards", None, shard_records(expand_shard_urls(spec), on_error)
@@ -306,7 +309,7 @@ def make_shards(input: str, output: str, *, samples_per_shard: int = 1000, shard
             "complete": True})
         st.update(pending=Counter(), count=0, range_start=st["next"], new_shards=st["new_shards"] + 1)
 
-    kind, total, records = open_input(input, on_error)
+    kind, total, records = open_input(input, on_error, cfg.data.caption if cfg is not None else "")
     writer = None
     bar = tqdm(total=total, initial=min(start, total or start), desc="make-shards", unit="sample",
                disable=not progress, dynamic_ncols=True)
