@@ -36,7 +36,13 @@ class ModelConfig:
     tiny_seed: int = 0
     dtype: str = "float32"  # storage dtype of frozen weights: float32 | bfloat16
     gradient_checkpointing: bool = False
-    attention_backend: str = ""  # diffusers attention backend name; empty = default (SDPA)
+    # Attention kernels of the DiT and the encoders (dopsd/models/attention.py): auto (CUDA: the fastest installed
+    # of flash, xformers, sdpa; elsewhere sdpa) | sdpa | flash | flash_varlen | xformers (flash/xformers: dopsd[gpu]).
+    attention: str = "auto"
+    attention_backend: str = ""  # removed (validate() points to model.attention); kept so old configs get that message
+    # Keep the text encoder (and Z-Image's Qwen3-VL teacher front-end) in CPU memory, on the GPU only while
+    # it encodes (dopsd/models/offload.py): for GPUs too small for DiT + encoders (configs/presets/*24gb*).
+    offload_encoders: bool = False
     # Regional torch.compile of the DiT's repeated blocks (dopsd/models/compile.py).
     compile: bool = False
     # Triton kernels (dopsd_kernels) in the DiT blocks and the loss: auto (on CUDA) | always | never.
@@ -277,6 +283,7 @@ _CHOICES = {
     "model.backend": ("zimage", "flux2_klein"),
     "model.dtype": ("float32", "bfloat16"),
     "model.kernels": ("auto", "always", "never"),
+    "model.attention": ("auto", "sdpa", "flash", "flash_varlen", "xformers"),
     "model.teacher_context": ("", "vlm", "reference"),
     "lora.init": ("gaussian", "zeros"),
     "train.mode": ("lora", "full"),
@@ -383,6 +390,13 @@ def validate(cfg: Config) -> Config:
     if cfg.model.backend == "flux2_klein" and cfg.model.teacher_context == "vlm":
         raise ConfigError("model.teacher_context: flux2_klein's teacher sees the target through its editing branch "
                           "(reference); it has no VLM route")
+    if cfg.model.attention_backend:
+        raise ConfigError(f"model.attention_backend: replaced by model.attention (auto | sdpa | flash | flash_varlen "
+                          f"| xformers); got {cfg.model.attention_backend!r}")
+    if cfg.model.compile and cfg.train.dual_forward == "fused" and cfg.train.objective == "dopsd":
+        raise ConfigError("model.compile: the fused dual forward (train.dual_forward: fused, the default) restates "
+                          "the DiT blocks' forward and never runs the compiled blocks; set train.dual_forward: "
+                          "separate to train with compiled blocks (or model.compile: false)")
     if cfg.model.teacher_min_pixels > cfg.model.teacher_max_pixels:
         raise ConfigError("model.teacher_min_pixels: must not exceed model.teacher_max_pixels")
     if cfg.train.mode == "full" and cfg.model.dtype != "float32":

@@ -118,7 +118,7 @@ class Trainer:
 
             compiled = compile_blocks(self.backend, module)
             if self.is_main:
-                log.info("torch.compile: %d blocks compiled", compiled)
+                log.info("torch.compile: %d blocks compiled (run by the separate path, SFT and sampling)", compiled)
         module.train()
 
         self.engine = build_engine(cfg, module, ds_config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -75,3 +76,36 @@ def test_check_accepts_a_good_run_and_its_resume(make_config, tmp_path, capsys):
     assert main(["train", "--config", str(path), "--resume", "latest", "--set", "train.steps=2", "--check",
                  "--ranks", "2"]) == 2
     assert "problem:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["zimage_turbo_lora_24gb.yaml", "zimage_turbo_lora_8gpu.yaml"])
+def test_presets_pass_the_check_on_tiny_stand_ins(preset, tiny_model_dir, concept_dir, tmp_path, capsys,
+                                                  monkeypatch):
+    """Each preset's keys fit together (engine, data, schedule, trackers): with the tiny model and data in place
+    of the real paths, `--check` passes for the rank count it is written for."""
+    import json
+
+    from dopsd.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the presets name configs/deepspeed/*.json relative to the repository
+    path = repo / "configs" / "presets" / preset
+    cfg = load_config(path)
+    assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing and cfg.lora.rank == 64
+    over = ["--set", f"model.path={tiny_model_dir}", "--set", "model.teacher_encoder_path=", "--set",
+            "data.resolution=[32,32]",
+            "--set", f"output.dir={tmp_path / 'run'}", "--set", "train.device=cpu"]
+    if cfg.data.datasets:  # the same list shape, on tiny stand-ins: a folder and a manifest
+        manifest = tmp_path / "reg.jsonl"
+        manifest.write_text("".join(json.dumps({"image": str(p), "caption": "a photo"}) + "\n"
+                                    for p in sorted(concept_dir.glob("*.png"))))
+        datasets = [{**vars(cfg.data.datasets[0]), "path": str(concept_dir)},
+                    {**vars(cfg.data.datasets[1]), "path": str(manifest)}]
+        over += ["--set", f"data.datasets={json.dumps(datasets)}"]
+        ranks = 8
+    else:
+        over += ["--set", "data.type=folder", "--set", f"data.path={concept_dir}"]
+        ranks = 1
+    assert main(["train", "--config", str(path), *over, "--check", "--ranks", str(ranks)]) == 0
+    out = capsys.readouterr().out
+    assert "check: OK" in out and f"for {ranks} rank(s)" in out

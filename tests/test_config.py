@@ -13,7 +13,7 @@ MINIMAL = {"model": {"path": "m"}, "data": {"path": "d"}}
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.model.path and cfg.data.path
+    assert cfg.model.path and (cfg.data.path or cfg.data.datasets)
 
 
 def test_overrides_are_typed_and_nested():

@@ -74,6 +74,12 @@ class Backend(Protocol):
     def apply_kernels(self, transformer: nn.Module) -> int:
         """Patch dopsd_kernels' fused ops into the network's blocks in place; returns modules patched."""
 
+    def repeated_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """The DiT's repeated blocks, in forward order (what `model.compile` compiles one by one: Z-Image's
+        noise_refiner, context_refiner and layers; FLUX.2's double and single blocks)."""
+
+    attention: Any  # `dopsd.models.attention.Attention`: the kernels `model.attention` resolved to
+
     def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
         """Load a LoRA written by `save_lora` (or by any diffusers-compatible trainer)."""
 

@@ -119,6 +119,15 @@ class DiffusersIO:
 
         return getattr(patch, self.kernel_patch)(getattr(transformer, "module", transformer))
 
+    def repeated_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """The modules of the classes the diffusers model lists in `_repeated_blocks` (what its own
+        `compile_repeated_blocks` compiles), in module order."""
+        model = getattr(transformer, "module", transformer)
+        names = set(getattr(model, "_repeated_blocks", None) or ())
+        if not names:
+            raise ValueError(f"{type(model).__name__} lists no _repeated_blocks: nothing to compile")
+        return [m for m in model.modules() if type(m).__name__ in names]
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -130,17 +139,19 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def transformer_factory(cls_name: str, path: Path, dtype: torch.dtype, device: torch.device, loader=None,
-                        attention_backend: str = ""):
+                        attention=None):
     """A function building the trained network at its pretrained weights with `loader` (default diffusers'
-    from_pretrained; the ZeRO-3 engine passes a sharded one). Called again for a full fine-tune teacher twin."""
+    from_pretrained; the ZeRO-3 engine passes a sharded one), its attention set to `attention`
+    (`dopsd.models.attention.Attention`; None: diffusers' default). Called again for a full fine-tune teacher twin."""
     def build() -> nn.Module:
         import diffusers
 
         from . import pretrained_loader
+        from .attention import apply_to_dit
 
         model = (loader or pretrained_loader)(getattr(diffusers, cls_name), path, "transformer", dtype).to(device)
-        if attention_backend:
-            model.set_attention_backend(attention_backend)
+        if attention is not None:
+            apply_to_dit(model, attention)
         return model
 
     return build

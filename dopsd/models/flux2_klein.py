@@ -37,7 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import SDPA, resolve as resolve_attention
 from .diffusers_io import DTYPES, DiffusersIO, freeze, transformer_factory
+from .offload import place_encoder
 from ..schedule import check_schedule
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,7 @@ class Flux2KleinBackend(DiffusersIO):
     kernel_patch = "patch_flux2"
     name = "flux2_klein"
     lora_targets = LORA_TARGETS
+    attention = SDPA  # model.attention resolved (`from_config` sets the run's)
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict, device: torch.device,
                  max_text_tokens: int = 512, text_encoder_out_layers: tuple[int, ...] = DEFAULT_OUT_LAYERS,
@@ -216,16 +219,19 @@ class Flux2KleinBackend(DiffusersIO):
                         "reference-image path")
         dtype = DTYPES[cfg.dtype]
         dev = torch.device(device)
+        attention = resolve_attention(cfg.attention, dev, dtype)  # before any weight loads (FLUX.2: no masks)
         new_transformer = transformer_factory("Flux2Transformer2DModel", path, dtype, dev, transformer_loader,
-                                              cfg.attention_backend)
+                                              attention)
 
         def load_vae() -> nn.Module:
             return freeze(AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
                                                              use_safetensors=True).to(dev))
 
         def load_text_encoder() -> nn.Module:
-            return freeze(Qwen3ForCausalLM.from_pretrained(path / "text_encoder", dtype=dtype,
-                                                           use_safetensors=True).to(dev))
+            return freeze(place_encoder(Qwen3ForCausalLM.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                                         use_safetensors=True,
+                                                                         attn_implementation=attention.encoders),
+                                        dev, cfg.offload_encoders))
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
@@ -235,6 +241,7 @@ class Flux2KleinBackend(DiffusersIO):
                    "text_encoder": AutoConfig.from_pretrained(path / "text_encoder")}
         backend = cls(new_transformer, load_vae, load_text_encoder, tokenizer, scheduler_config, dev,
                       cfg.max_text_tokens, read_out_layers(path), configs=configs)
+        backend.attention = attention
         backend.new_transformer = new_transformer  # a fresh pretrained copy (full fine-tune teacher)
         return backend
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import SDPA, resolve as resolve_attention
 from .base import refuse_references
 from .diffusers_io import DTYPES, DiffusersIO, freeze, transformer_factory
+from .offload import place_encoder
 from ..schedule import ZIMAGE_RECIPE_SIGMAS, check_schedule, few_step_sigmas
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class ZImageBackend(DiffusersIO):
     kernel_patch = "patch_zimage"
     name = "zimage"
     lora_targets = LORA_TARGETS
+    attention = SDPA  # model.attention resolved (`from_config` sets the run's)
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict,
                  teacher_encoder_path: Path, device: torch.device, max_text_tokens: int = 512,
@@ -101,6 +104,7 @@ class ZImageBackend(DiffusersIO):
         self.teacher_pixels = (teacher_min_pixels, teacher_max_pixels)
         self.vae_scale_factor = 2 ** (len((vae_config or vae.config)["block_out_channels"]) - 1)
         self._teacher = None  # (vl_model, tokenizer, image_processor), loaded on first use (SFT never needs it)
+        self.offload_encoders = False  # model.offload_encoders (from_config sets it)
         self._warned_truncation = False
 
     @classmethod
@@ -114,8 +118,10 @@ class ZImageBackend(DiffusersIO):
             raise FileNotFoundError(f"model.path: {path} is not a Z-Image model directory (no transformer/)")
         dtype = DTYPES[cfg.dtype]
         dev = torch.device(device)
+        # before any weight loads: an unusable model.attention fails here; Z-Image pads captions (masks)
+        attention = resolve_attention(cfg.attention, dev, dtype, masked=True)
         new_transformer = transformer_factory("ZImageTransformer2DModel", path, dtype, dev, transformer_loader,
-                                              cfg.attention_backend)
+                                              attention)
 
 
         def load_vae() -> nn.Module:
@@ -126,8 +132,10 @@ class ZImageBackend(DiffusersIO):
             raise FileNotFoundError(f"model.path: {path} has no text_encoder/")
 
         def load_text_encoder() -> nn.Module:  # on first encode call (lazy: cached features need none)
-            return freeze(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
-                                                      use_safetensors=True).to(dev))
+            return freeze(place_encoder(Qwen3Model.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                                   use_safetensors=True,
+                                                                   attn_implementation=attention.encoders),
+                                        dev, cfg.offload_encoders))
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
@@ -138,6 +146,8 @@ class ZImageBackend(DiffusersIO):
                       text_encoder_loader=load_text_encoder, teacher_context=cfg.teacher_context or "vlm",
                       transformer_config=dict(ZImageTransformer2DModel.load_config(path, subfolder="transformer")),
                       vae_config=dict(AutoencoderKL.load_config(path, subfolder="vae")))
+        backend.attention = attention
+        backend.offload_encoders = cfg.offload_encoders
         backend.new_transformer = new_transformer
         return backend
 
@@ -188,9 +198,12 @@ class ZImageBackend(DiffusersIO):
             if not path.is_dir():
                 raise FileNotFoundError(f"model.teacher_encoder_path: {path} is not a Qwen3-VL directory")
             vl = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=self.text_encoder.dtype,
-                                                                 use_safetensors=True)
+                                                                 use_safetensors=True,
+                                                                 attn_implementation=self.attention.encoders)
             graft_language_model(vl, self.text_encoder)
-            vl = freeze(vl.to(self.device))
+            # (offloaded: the vision tower and the shared language weights visit the device per call)
+            vl = freeze(vl)
+            place_encoder(vl.model, self.device, self.offload_encoders)
             self._teacher = (vl, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
         return self._teacher
 
