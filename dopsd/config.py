@@ -45,7 +45,8 @@ class ModelConfig:
     offload_encoders: bool = False
     # Regional torch.compile of the DiT's repeated blocks (dopsd/models/compile.py).
     compile: bool = False
-    # Triton kernels (dopsd_kernels) in the DiT blocks and the loss: auto (on CUDA) | always | never.
+    # Triton kernels (dopsd_kernels) in the DiT blocks and the loss: auto | always | never. auto: on CUDA, what the
+    # measured table (dopsd_kernels/measured.py) says beats eager and torch.compile on this GPU class; else none.
     # DOPSD_KERNELS=0 in the environment turns them off whatever this says.
     kernels: str = "auto"
     max_text_tokens: int = 512

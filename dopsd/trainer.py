@@ -101,13 +101,13 @@ class Trainer:
                 self.teacher = EmaTeacher.for_lora(module, t.ema_decay)
         else:
             module.requires_grad_(True)
-        kernels = cfg.model.kernels
-        self.kernels = kernels == "always" or (kernels == "auto" and self.device.type == "cuda")
+        self.kernels, fused_loss = self._kernel_choice()
         self.loss_fn = distill_loss
-        if self.kernels:
-            from dopsd_kernels import distill_loss as fused_loss
+        if fused_loss:
+            from dopsd_kernels import distill_loss as fused_distill_loss
 
-            self.loss_fn = fused_loss
+            self.loss_fn = fused_distill_loss
+        if self.kernels:
             patched = self.backend.apply_kernels(module)
             if self.is_main:
                 log.info("Triton kernels patched into %d modules", patched)
@@ -155,6 +155,22 @@ class Trainer:
         self.truncated_steps = 0
         self._base_samples: torch.Tensor | None = None
         self.run_log: RunLog | None = None  # rank 0, from the start of fit()
+
+    def _kernel_choice(self) -> tuple[bool, bool]:
+        """(patch the DiT blocks, use the loss kernel): `always`, `never`, or on CUDA with `auto` what the
+        measured table in dopsd_kernels.measured says wins on this GPU class (nothing, for an unmeasured one)."""
+        kernels = self.cfg.model.kernels
+        if kernels != "auto":
+            return (kernels == "always",) * 2
+        if self.device.type != "cuda":
+            return False, False
+        from dopsd_kernels.measured import auto_choice
+
+        blocks, loss, why = auto_choice(self.backend.name, torch.cuda.get_device_name(self.device),
+                                        self.cfg.train.loss_space)
+        if self.is_main:
+            log.info("model.kernels=auto: %s", why)
+        return blocks, loss
 
     # ------------------------------------------------------------------------------------------------
     def autocast(self):
