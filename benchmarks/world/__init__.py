@@ -3,7 +3,9 @@ builder of the toy turbo model (research and benchmark code beside the `dopsd` l
 it; installed from benchmarks/world/ with the repository, see its README.md).
 
 The evaluator and the toy-base builder are imported lazily (`from dopsd_world.evaluator import ...`,
-`dopsd_world.toybase`) so that generating data needs only numpy and pillow. Command: `dopsd-world`."""
+`dopsd_world.toybase`) so that generating data needs only numpy and pillow; so are the curved world, whose
+captions leave attributes open (`dopsd_world.curved`), and its toy turbo's gate (`dopsd_world.gate`).
+Command: `dopsd-world`."""
 from .generator import *  # noqa: F401,F403
 from .generator import __all__  # noqa: F401
 

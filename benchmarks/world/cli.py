@@ -1,6 +1,7 @@
 """The `dopsd-world` command (also `python -m dopsd_world`): tools of the miniature world.
 
-    dopsd-world make-toy-base --out DIR [--work CACHE] [--evaluator FILE] [--set KEY=VALUE ...]
+    dopsd-world make-toy-base --out DIR [--world base|curved] [--work CACHE] [--evaluator FILE] [--set KEY=VALUE ...]
+    dopsd-world gate --out DIR [--evaluator FILE [--pre-distillation FILE] [--prompts N] [--seeds N]]
 """
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ def cmd_make_toy_base(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    import json
+
+    from .gate import gate_from_build
+
+    evaluator = None
+    if args.evaluator:
+        from .evaluator import load_evaluator
+        evaluator = load_evaluator(args.evaluator)
+    gate = gate_from_build(args.out, evaluator, args.pre_distillation, args.prompts, args.seeds)
+    print(json.dumps(gate, indent=2))
+    return 0 if gate["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .toybase import add_arguments
 
@@ -25,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
                                              "4-step distillation; dopsd_world/toybase.py)")
     add_arguments(p)
     p.set_defaults(func=cmd_make_toy_base)
+    g = sub.add_parser("gate", help="evaluate a curved build's gate (dopsd_world/gate.py) into its report.json; "
+                                    "exit status 1 when it fails")
+    g.add_argument("--out", required=True, help="the build's output directory")
+    g.add_argument("--evaluator", help="recompute the scores with this world evaluator (else: the report's)")
+    g.add_argument("--pre-distillation", help="the model before distillation (default: the build's "
+                                              "pre_distillation.safetensors; or a --work incontext-*.safetensors)")
+    g.add_argument("--prompts", type=int, help="recompute on this many prompts (default: the build's eval_prompts)")
+    g.add_argument("--seeds", type=int, help="... with this many noise seeds each (default: eval_seeds)")
+    g.set_defaults(func=cmd_gate)
     return parser
 
 

@@ -10,7 +10,8 @@ Each image shows one shape on a flat background. Its attributes are
     texture     plain | striped | dotted          (the base world)
                 checkered                         (held out: the "new concept", captioned as "[V]")
 
-and every caption states all six. Everything is a pure function of a seed: `sample_attributes` draws
+and every caption states all six (`captions(..., stated=...)` states fewer: the curved world, `curved.py`,
+whose captions leave attributes open). Everything is a pure function of a seed: `sample_attributes` draws
 attributes (and a small placement jitter) from a `random.Random`, `render` turns attributes into a uint8
 (H, W, 3) array with numpy only (shapes are drawn at 4x resolution and box-downsampled, so edges are
 anti-aliased but bit-exact across platforms), and `captions` gives a few phrasings.
@@ -249,20 +250,36 @@ _POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at t
                     "center": "in the center"}
 
 
-def captions(attrs: Attributes, concept: str | None = None) -> list[str]:
+def captions(attrs: Attributes, concept: str | None = None, stated: Iterable[str] | None = None) -> list[str]:
     """A few phrasings that each state all six attributes. With `concept` (e.g. "[V]"), the texture is named
-    only by that token: "a large red [V] circle ..."."""
+    only by that token: "a large red [V] circle ...". With `stated` (attribute names; the curved world), each
+    phrasing states those attributes and no others ("a red circle"; an unstated shape is "a shape")."""
     a = attrs
+    said = set(ATTRIBUTES if stated is None else stated)
+    if not said <= set(ATTRIBUTES):
+        raise ValueError(f"stated={sorted(said)}: unknown attributes (known: {ATTRIBUTES})")
+    if concept is not None and "texture" not in said:
+        raise ValueError(f"concept={concept!r} names the texture, but stated={sorted(said)} leaves it open")
     if concept is not None:
         tex_adj, tex_with = concept, f"the {concept} pattern"
     else:
         tex_adj, tex_with = _TEXTURE_ADJ[a.texture], _TEXTURE_WITH[a.texture]
-    pos = _POSITION_PHRASE[a.position]
+    # each part is "" when its attribute is open; `_join` drops the empty ones (with all six: the full captions)
+    size, color = (a.size if "size" in said else ""), (a.color if "color" in said else "")
+    shape = a.shape if "shape" in said else "shape"
+    tex_adj, tex_with = (tex_adj, f"with {tex_with}") if "texture" in said else ("", "")
+    pos = _POSITION_PHRASE[a.position] if "position" in said else ""
+    bg = a.background if "background" in said else ""
     return [
-        f"a {a.size} {a.color} {tex_adj} {a.shape} {pos} on a {a.background} background",
-        f"{a.background} background, {a.size} {tex_adj} {a.color} {a.shape}, {pos}",
-        f"a picture of a {a.color} {a.shape} with {tex_with}, {a.size}, {pos}, over a flat {a.background} backdrop",
+        _join(" ", "a", size, color, tex_adj, shape, pos, bg and f"on a {bg} background"),
+        _join(", ", bg and f"{bg} background", _join(" ", size, tex_adj, color, shape), pos),
+        _join(", ", _join(" ", "a picture of a", color, shape, tex_with), size, pos,
+              bg and f"over a flat {bg} backdrop"),
     ]
+
+
+def _join(sep: str, *parts: str) -> str:
+    return sep.join(p for p in parts if p)
 
 
 _WORDS = {  # caption word -> (attribute, value)
@@ -322,11 +339,14 @@ def sample_unnamed_textures(count: int, seed: int, size: int = 32, families: Ite
     return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)), attrs
 
 
-def _write(out: Path, images: np.ndarray, attrs: list[Attributes], concept: str | None) -> Path:
+def _write(out: Path, images: np.ndarray, attrs: list[Attributes], concept: str | None,
+           stated: list[Iterable[str]] | None = None) -> Path:
+    """NAME.png + NAME.txt pairs; `stated[i]` (the curved world) limits what image i's captions state."""
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, a) in enumerate(zip(images, attrs)):
         Image.fromarray(img, "RGB").save(out / f"{i:05d}.png")
-        (out / f"{i:05d}.txt").write_text("\n".join(captions(a, concept)) + "\n", encoding="utf-8")
+        text = "\n".join(captions(a, concept, None if stated is None else stated[i])) + "\n"
+        (out / f"{i:05d}.txt").write_text(text, encoding="utf-8")
     return out
 
 

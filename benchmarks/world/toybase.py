@@ -15,6 +15,15 @@ dopsd/assets/toy_turbo (same torch build and thread count); `--work` caches fini
 the output records the settings, each stage's wall time and the evaluator's scores. `--set device=cuda` runs
 stages 2-3 on a GPU. The backend is used through its public protocol (`dopsd.models.base.TeacherEncoderBackend`).
 
+The curved world (`--world curved`, `CurvedToyBaseSettings`; dopsd_world.curved): the same recipe on the same
+images, whose captions leave attributes open, so the flow is curved. Its gate, fixed before any curved build ran
+(`gate.CURVED_GATE`, evaluated by `gate.curved_gate` into report.json; `dopsd-world gate --out DIR` re-evaluates
+it from a build's outputs): at 4 Euler steps the model before distillation must be clearly worse than the turbo
+(Fréchet distance at least 1.5x the turbo's, or sharpness ratio at least 0.2 lower), and the turbo at 4 steps
+close to the pre-distillation model at its many-step budget (`teacher_steps`: stated-attribute accuracy at most
+0.03 lower, Fréchet at most 1.25x, diversity ratio at most 0.1 lower, sharpness ratio within 0.15). The curved
+build also writes the pre-distillation transformer (`pre_distillation.safetensors`) beside the turbo.
+
 Why each stage is there, timings on CPU and GPU, and what was tried and did not work: benchmarks/world/README.md.
 """
 from __future__ import annotations
@@ -39,6 +48,7 @@ from dopsd.dist import all_mean, init_distributed
 from dopsd.sampling import sample_batch as sample
 
 from .evaluator import ACC_BAR
+from .gate import curved_gate, curved_scores
 from .generator import TEXTURES, VOCAB, captions, sample_world
 
 log = logging.getLogger(__name__)
@@ -116,6 +126,33 @@ class ToyBaseSettings:
     @property
     def teacher_pixels(self) -> int:
         return (2 * self.size) ** 2
+
+
+@dataclass(frozen=True)
+class CurvedToyBaseSettings(ToyBaseSettings):
+    """The curved world's toy turbo (`dopsd-world make-toy-base --world curved`; dopsd_world.curved): the same
+    recipe on the same images, captions that state shape, colour and 0-2 more attributes. Its multimodal
+    flow is harder to distil than the base world's nearly straight one, hence twice the trajectories and
+    distillation steps. Passes or fails `CURVED_GATE` (`curved_gate`), stated before any build ran. One torch
+    thread: on the shared 2-core box (load average 7) a 192-wide pretraining step took 3-22 s with one thread
+    and 27-55 s with two (OpenMP workers waiting for each other between many small ops)."""
+    threads: int = 1
+    trajectories: int = 4096
+    distill_steps: int = 2000
+    world: str = "curved"
+    stated_extra: str = "0,1,2"       # how many attributes beyond shape and colour a caption states (curved.EXTRA)
+    eval_prompts: int = 64            # report.json: curved-world prompts, each sampled with eval_seeds noise seeds
+    eval_seeds: int = 8
+
+
+# The curved build's transformer before step distillation, in its output directory (keys as a stage cache's).
+PRE_DISTILLATION = "pre_distillation.safetensors"
+
+WORLDS = {"base": ToyBaseSettings, "curved": CurvedToyBaseSettings}
+
+
+def _extra(s: ToyBaseSettings) -> tuple[int, ...]:
+    return tuple(int(k) for k in s.stated_extra.split(","))
 
 
 @dataclass
@@ -301,13 +338,24 @@ class Pool:
 
 
 def make_pool(s: "ToyBaseSettings") -> Pool:
+    """The training images and their caption sets; in the curved world (the same images) each image's
+    captions state only some attributes, and an unnamed texture's never its texture."""
     from .generator import sample_unnamed_textures
 
     raw, attrs = sample_world(s.num_images, seed=s.seed, size=s.size)
     raw_u, attrs_u = sample_unnamed_textures(s.num_unnamed, seed=s.seed, size=s.size,
                                              families=s.unnamed_textures.split(","))
     images = _to_float(np.concatenate([raw, raw_u]))
-    caption_sets = [captions(a) for a in attrs] + [[strip_texture(c) for c in captions(a)] for a in attrs_u]
+    if getattr(s, "world", "base") == "curved":
+        from .curved import draw_stated, sample_curved_world
+
+        stated = sample_curved_world(s.num_images, seed=s.seed, size=s.size, extra=_extra(s))[2]
+        rng = random.Random(f"dopsd-curved-unnamed:{s.seed}")
+        stated_u = [tuple(k for k in draw_stated(rng, _extra(s)) if k != "texture") for _ in attrs_u]
+        caption_sets = ([captions(a, stated=st) for a, st in zip(attrs, stated)]
+                        + [captions(a, stated=st) for a, st in zip(attrs_u, stated_u)])
+    else:
+        caption_sets = [captions(a) for a in attrs] + [[strip_texture(c) for c in captions(a)] for a in attrs_u]
     return Pool(images, caption_sets, s.num_images)
 
 
@@ -568,11 +616,12 @@ def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
 # ------------------------------------------------------------------------------------------------- main
 
 # Settings each stage's result does not depend on (everything else keys its cache entry).
-_DISTILL = ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count")
+_DISTILL = ("trajectories", "teacher_steps", "turbo_steps", "distill_steps", "distill_lr", "eval_count",
+            "eval_prompts", "eval_seeds")
 _INCONTEXT = ("incontext_steps", "incontext_lr", "incontext_p_image", "incontext_p_unnamed")
 _LATER = {  # the VAE stage always runs on the CPU
     "vae": _DISTILL + _INCONTEXT + ("device", "p_unnamed", "pretrain_steps", "pretrain_lr", "batch", "p_image",
-                                    "aux_weight", "p_reference"),
+                                    "aux_weight", "p_reference", "world", "stated_extra"),  # (same images)
     "incontext": _DISTILL,
     "pretrain": _DISTILL + _INCONTEXT + ("p_reference",),
 }
@@ -672,9 +721,18 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
                                                           lambda: pretrain(backend, c, pool, phase, monitor, phase=1))
         backend = build_backend(c, s, trainable=False)
         backend.transformer.eval()
+        curved = getattr(s, "world", "base") == "curved"
+        if curved:  # shipped beside the turbo: the gate (and the reference rows of a comparison) score it
+            pre_distillation = {f"transformer.{k}": v.detach().cpu().clone()
+                                for k, v in backend.transformer.state_dict().items()}
         if evaluator is not None:
-            report["base_many_steps"] = evaluate(backend, evaluator, s, s.teacher_steps)
-            report["base_4_steps"] = evaluate(backend, evaluator, s, s.turbo_steps)
+            if curved:
+                score = curved_scores(backend, evaluator, s)
+            else:
+                def score(num_steps: int) -> dict:
+                    return evaluate(backend, evaluator, s, num_steps)
+            report["base_many_steps"] = score(s.teacher_steps)
+            report["base_4_steps"] = score(s.turbo_steps)
             log.info("base: %s steps %s; 4 steps %s", s.teacher_steps, report["base_many_steps"],
                      report["base_4_steps"])
         t0 = time.time()
@@ -682,11 +740,14 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
         report["stages"]["trajectories"] = {"seconds": time.time() - t0}
         report["stages"]["distill"] = asdict(distill(backend, traj, pool, s))
         if evaluator is not None:
-            report["turbo_4_steps"] = evaluate(backend, evaluator, s, s.turbo_steps)
+            report["turbo_4_steps"] = score(s.turbo_steps)
             report["turbo_4_steps_image_only"] = evaluate(backend, evaluator, s, s.turbo_steps, with_image=True)
             report["turbo_in_context"] = in_context(backend, evaluator, s)
             log.info("turbo: 4 steps %s; image only %s; in context %s", report["turbo_4_steps"],
                      report["turbo_4_steps_image_only"], report["turbo_in_context"])
+            if curved:
+                report["gate"] = curved_gate(report)
+                log.info("gate: %s", report["gate"])
     torch.use_deterministic_algorithms(deterministic)
     report["seconds"] = round(time.time() - t_start, 1)
     if info.distributed:
@@ -699,6 +760,10 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
     c["teacher_encoder"].lm_head = c.pop("lm_head")
     _move(c, "cpu")
     out = save_zimage_dir(c, out_dir)
+    if curved:
+        from safetensors.torch import save_file
+
+        save_file(pre_distillation, str(out / PRE_DISTILLATION))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -709,21 +774,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluator", help="world evaluator safetensors (scores written to report.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ToyBaseSettings field, e.g. --set pretrain_steps=500")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="base",
+                        help="base: captions state all six attributes (the shipped toy turbo); curved: they leave "
+                             "some open (CurvedToyBaseSettings, gated by CURVED_GATE)")
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = {}
+    cls = WORLDS[getattr(args, "world", "base")]
     for item in args.set or []:
         key, _, value = item.partition("=")
-        if key not in ToyBaseSettings.__dataclass_fields__:
-            raise SystemExit(f"--set {key}: not a ToyBaseSettings field")
-        default = getattr(ToyBaseSettings, key)
+        if key not in cls.__dataclass_fields__:
+            raise SystemExit(f"--set {key}: not a {cls.__name__} field")
+        default = getattr(cls, key)
         overrides[key] = tuple(int(v) for v in value.split(",")) if isinstance(default, tuple) else type(default)(value)
     evaluator = None
     if args.evaluator:
         from .evaluator import load_evaluator
         evaluator = load_evaluator(args.evaluator)
-    report = make_toy_base(args.out, ToyBaseSettings(**overrides), evaluator, work=args.work)
+    report = make_toy_base(args.out, cls(**overrides), evaluator, work=args.work)
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
     return 0
 
