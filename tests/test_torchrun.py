@@ -74,7 +74,8 @@ def test_two_ranks_train_what_one_process_trains(runs):
     assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
     # one copy of the (identical) engine state; a teacher and RNG state per rank
     step = runs["ddp"] / "checkpoints/step_00000004"
-    assert sorted(p.name for p in (step / "engine").iterdir()) == ["optimizer.pt", "trainable.safetensors"]
+    assert sorted(p.name for p in (step / "engine").iterdir()) == ["optimizer.pt", "scheduler.pt",
+                                                                 "trainable.safetensors"]
     assert {p.name for p in step.glob("rank*")} == {"rank00000_state.pt", "rank00001_state.pt",
                                                      "rank00000_teacher.safetensors", "rank00001_teacher.safetensors"}
 
