@@ -8,6 +8,7 @@ trainer calls the same functions, and logs `data_summary` of the data it found) 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -21,13 +22,20 @@ def needs_live_teacher(cfg: Config) -> bool:
     return OBJECTIVES[cfg.train.objective].needs_teacher and not cached_everywhere(cfg)
 
 
+def per_step_batch(cfg: Config) -> Config:
+    """The config the data source sees: train.batch_size x train.grad_accum samples per rank and step."""
+    if cfg.train.grad_accum == 1:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                              batch_size=cfg.train.batch_size * cfg.train.grad_accum))
+
+
 def check_run(cfg: Config, ranks: int = 1) -> tuple[dict, list[str]]:
     """(what was found, problems). `ranks`: the world size the run will have (steps per epoch and the
     checkpoint to resume depend on it)."""
     from .checkpoint import CheckpointError, plan_resume
     from .metrics import check_trackers
     from .models import check_model_paths
-    from .trainer import per_step_batch
 
     found: dict = {"ranks": ranks}
     problems: list[str] = []

@@ -7,7 +7,6 @@ StepBatch per step). The same code runs one process
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from .objectives import OBJECTIVES, StepBatch, StepContext, StepResult, distill_
 from .preemption import Interrupted, Preempted, StopSignals
 from .sampling import generate, save_grid
 from .adapters import add_lora_adapters, student_lora, student_params
-from .check import data_summary, needs_live_teacher
+from .check import data_summary, needs_live_teacher, per_step_batch
 from .checkpoint import plan_resume
 from .teacher import EmaTeacher
 
@@ -464,14 +463,6 @@ class Trainer:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
         return summary
-
-
-def per_step_batch(cfg: Config) -> Config:
-    """The config the data source sees: train.batch_size x train.grad_accum samples per rank and step."""
-    if cfg.train.grad_accum == 1:
-        return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                              batch_size=cfg.train.batch_size * cfg.train.grad_accum))
 
 
 def _merged(results: list[StepResult]) -> StepResult:
