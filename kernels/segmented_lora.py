@@ -45,8 +45,10 @@ from ._common import INTERPRET, acc_torch_dtype, split_rows, tl, triton, use_tri
 MAX_RANK = 128
 _HALF = (torch.float16, torch.bfloat16)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# tile sizes: one config (the interpreter cannot autotune several); 16 (tl.dot's minimum) in the interpreter
-_BM, _BK, _BN = (16, 16, 16) if INTERPRET else (64, 64, 64)
+# (BLOCK_M, BLOCK_K, BLOCK_N): one config (the interpreter cannot autotune several), read at every launch. The
+# interpreter defaults to 16 (tl.dot's minimum), so that small test shapes span several tiles; whole-model tests
+# set the GPU's 64s (tests/conftest.py `gpu_tiles`), which run 16x fewer interpreted programs.
+TILES = (16, 16, 16) if INTERPRET else (64, 64, 64)
 _WARPS = 1 if INTERPRET else 4
 
 
@@ -184,6 +186,7 @@ def _block_r(r: int) -> int:
 
 
 def _shrink(x, a0, a1, out0, out1, split, alpha, sar, sak, acc, dot):
+    _BM, _BK, _BN = TILES
     n_rows, K = x.shape
     R = out0.shape[1] if out0.numel() else out1.shape[1]
     grid = (triton.cdiv(split, _BM) + triton.cdiv(n_rows - split, _BM),)
@@ -195,6 +198,7 @@ def _shrink(x, a0, a1, out0, out1, split, alpha, sar, sak, acc, dot):
 
 
 def _expand(y, t0, t1, b0, b1, split, alpha, sbn, sbr, acc, dot):
+    _BM, _BK, _BN = TILES
     n_rows, NOUT = y.shape
     R = t0.shape[1] if t0.numel() else t1.shape[1]
     grid = (triton.cdiv(split, _BM) + triton.cdiv(n_rows - split, _BM), triton.cdiv(NOUT, _BN))
@@ -206,6 +210,7 @@ def _expand(y, t0, t1, b0, b1, split, alpha, sbn, sbr, acc, dot):
 
 def _reduce(u, v, alpha, acc, dot):
     """alpha * u^T v: u (n, R) contiguous, v (n, K) -> (R, K) in u's dtype (the accumulator)."""
+    _BM, _BK, _BN = TILES
     n_rows, R = u.shape
     K = v.shape[1]
     k_tiles = triton.cdiv(K, _BK)

@@ -88,3 +88,14 @@ def run_without_triton(code: str, cwd: Path = REPO):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The segmented LoRA kernel's GPU tile sizes in the interpreter too: whole-model tests run it on shapes
+    far larger than its unit tests' and need 16x fewer interpreted programs (the unit tests keep the
+    interpreter's 16s, so that small shapes span several tiles)."""
+    from dopsd_kernels import segmented_lora
+
+    monkeypatch.setattr(segmented_lora, "TILES", (64, 64, 64))
+

@@ -151,7 +151,7 @@ def test_autograd_keeps_nothing_of_the_teacher(tiny_model_dir):
     assert all(p.grad is None for n, p in tr.named_parameters() if f".{TEACHER}." in n or "lora" not in n)
 
 
-def test_triton_op_path_keeps_nothing_of_the_teacher(tiny_model_dir):
+def test_triton_op_path_keeps_nothing_of_the_teacher(tiny_model_dir, gpu_tiles):
     """With the kernels patched in, LoRA layers take the packed Triton op (the interpreter here): same outputs
     as the eager path, and still nothing kept that depends on the teacher's length."""
     from dopsd_kernels import patch

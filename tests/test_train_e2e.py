@@ -111,7 +111,7 @@ def test_bad_data_is_skipped_and_counted(make_config, concept_dir, tmp_path):
     assert "corrupt.png" in log and "nocaption.png" in log
 
 
-def test_kernels_switch_patches_model_and_loss_without_changing_results(make_config, tmp_path):
+def test_kernels_switch_patches_model_and_loss_without_changing_results(make_config, tmp_path, gpu_tiles):
     # On CPU the kernels run in Triton's interpreter (tests/conftest.py): slow, so one short step.
     base = ("train.steps=1", "train.batch_size=1", "train.rollout_steps=2", "validation.prompts=[]")
     off = Trainer(make_config(*base, "model.kernels=never", out_dir=tmp_path / "off"))
