@@ -23,15 +23,27 @@ def _losses(run):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_signal_stops_with_checkpoint_and_resume_is_exact(make_config, tmp_path, sig):
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    """The uninterrupted run every signal's stopped-and-resumed run must equal: (its data, its losses)."""
+    from conftest import _tiny_config
+    from dopsd.data.synthetic import write_concept_folder
     from dopsd.trainer import Trainer
 
-    steps = 10
-    straight = make_config(f"train.steps={steps}", "validation.prompts=[]", out_dir=tmp_path / "straight")
-    Trainer(straight).fit()
+    tmp = tmp_path_factory.mktemp("straight")
+    data = write_concept_folder(tmp / "data", count=3, size=32, seed=1)
+    Trainer(_tiny_config(tiny_model_dir, data, tmp / "run", f"train.steps={STEPS}", "validation.prompts=[]")).fit()
+    return data, _losses(tmp / "run")
 
-    cfg = make_config(f"train.steps={steps}", "validation.prompts=[]", out_dir=tmp_path / "stopped")
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_signal_stops_with_checkpoint_and_resume_is_exact(make_config, tmp_path, sig, straight):
+    data, straight_losses = straight
+    steps = STEPS
+    cfg = make_config(f"train.steps={steps}", "validation.prompts=[]", data_dir=data, out_dir=tmp_path / "stopped")
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -56,7 +68,7 @@ def test_signal_stops_with_checkpoint_and_resume_is_exact(make_config, tmp_path,
 
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")
+    assert _losses(tmp_path / "stopped") == straight_losses
 
 
 def test_second_ctrl_c_stops_at_once():
