@@ -92,7 +92,7 @@ class Protocol:
     extra: dict = field(default_factory=dict)
 
 
-SMOKE = dict(steps=4, lrs=(1e-3,), seeds=(1,), eval_every=2, many_steps=8, concept_prompts=8, retention_prompts=8)
+SMOKE = dict(steps=2, lrs=(1e-3,), seeds=(1,), eval_every=1, many_steps=4, concept_prompts=4, retention_prompts=4)
 
 
 def prompt_sets(world_seeds: tuple[int, int], n_concept: int, n_retention: int) -> dict:
