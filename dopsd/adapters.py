@@ -97,3 +97,53 @@ def student_lora(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     meta = model.peft_config[STUDENT].to_dict()
     meta["target_modules"] = sorted(meta["target_modules"])
     return state, meta
+
+
+def merge_lora(transformer: nn.Module, state: dict[str, torch.Tensor], metadata: dict[str, Any], source: str,
+               editable=None) -> int:
+    """Add a LoRA's update W += scale * B @ A into the transformer's own weights (continual tuning: the next run
+    trains on top of the merged model); returns the modules changed. `state`: `<module>.lora_A.weight` /
+    `<module>.lora_B.weight` (`backend.read_lora`); scale = alpha / rank (alpha / sqrt(rank) with rslora), as
+    peft applies it. `editable(params)`: a context in which the parameters are whole and writable (ZeRO-3:
+    gathered, rank 0's values kept); None: they already are."""
+    from contextlib import nullcontext
+
+    if metadata.get("use_dora"):
+        raise ValueError(f"{source}: a DoRA adapter does not merge as W + BA")
+    modules = dict(transformer.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        for role in ("lora_A", "lora_B"):
+            suffix = f".{role}.weight"
+            if key.endswith(suffix):
+                pairs.setdefault(key[: -len(suffix)], {})[role] = value
+                break
+        else:
+            raise ValueError(f"{source}: {key!r} is not a LoRA factor (<module>.lora_A/B.weight)")
+    rank_pattern, alpha_pattern = metadata.get("rank_pattern") or {}, metadata.get("alpha_pattern") or {}
+    if rank_pattern or alpha_pattern:
+        raise ValueError(f"{source}: per-module rank/alpha patterns are not supported for merging")
+    changed = 0
+    for name in sorted(pairs):
+        factors = pairs[name]
+        if set(factors) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{source}: {name} lacks {({'lora_A', 'lora_B'} - set(factors)).pop()}")
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{source}: {name} is not a linear layer of this transformer")
+        a, b = factors["lora_A"].float(), factors["lora_B"].float()
+        rank = a.shape[0]
+        alpha = float(metadata.get("lora_alpha", rank))
+        scale = alpha / (rank ** 0.5 if metadata.get("use_rslora") else rank)
+        with (editable([weight]) if editable is not None else nullcontext()):
+            if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(weight.shape):
+                raise ValueError(f"{source}: {name}: B @ A is {(b.shape[0], a.shape[1])}, the weight "
+                                 f"{tuple(weight.shape)}")
+            with torch.no_grad():
+                weight.add_((scale * (b @ a)).to(weight.device, weight.dtype))
+        changed += 1
+    if not changed:
+        raise ValueError(f"{source}: no LoRA tensors")
+    return changed
+

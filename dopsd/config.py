@@ -34,6 +34,10 @@ class ModelConfig:
     # Build the tiny random checkpoint at `path` when it does not exist (quickstart, tests).
     make_tiny_if_missing: bool = False
     tiny_seed: int = 0
+    # Continual tuning: diffusers-format LoRAs (files or folders, e.g. a previous run's exports/final), merged
+    # into the DiT's weights in this order before this run's adapters are added. Student and teacher both start
+    # from the merged model; this run's LoRA is a delta on top of it (load every LoRA of the chain to use it).
+    merge_loras: list[str] = field(default_factory=list)
     dtype: str = "float32"  # storage dtype of frozen weights: float32 | bfloat16
     gradient_checkpointing: bool = False
     # Attention kernels of the DiT and the encoders (dopsd/models/attention.py): auto (CUDA: the fastest installed
@@ -163,6 +167,15 @@ class ValidationConfig:
     # Editing (flux2_klein): reference image files given with every validation prompt (then an instruction),
     # preprocessed as the pipeline does; empty: text-to-image samples.
     references: list[str] = field(default_factory=list)
+    # Few-step quality during training (dopsd/validation.py): metrics of the tuned model's samples of
+    # metric_prompts x metric_seeds at `steps` (0: the roll-out's, the model's native budget), scored against the
+    # base model's samples of the same prompts and seeds, before the first step, every metric_every steps (0:
+    # validation.every) and after the last; into log.jsonl, the trackers and <run>/validation.png.
+    # sharpness | base_distance | features=DIR (a local transformers vision model) | package.module:callable
+    metrics: list[str] = field(default_factory=list)
+    metric_prompts: list[str] = field(default_factory=list)  # old prompts, whose look should survive; empty: prompts
+    metric_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    metric_every: int = 0
 
 
 @dataclass
@@ -402,6 +415,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.teacher_min_pixels: must not exceed model.teacher_max_pixels")
     if cfg.train.mode == "full" and cfg.model.dtype != "float32":
         raise ConfigError("model.dtype: full fine-tuning keeps float32 master weights; use train.mixed_precision=bf16")
+    if cfg.validation.metrics:
+        from .validation import parse_metric
+
+        for spec in cfg.validation.metrics:
+            parse_metric(spec)
+        if not (cfg.validation.metric_prompts or cfg.validation.prompts) or not cfg.validation.metric_seeds:
+            raise ConfigError("validation.metrics: set validation.metric_prompts (or validation.prompts) and "
+                              "validation.metric_seeds")
+        if cfg.validation.references:
+            raise ConfigError("validation.metrics: not with validation.references (editing samples) yet")
+    positive("validation.metric_every", allow_zero=True)
     if cfg.validation.every and not cfg.validation.prompts:
         raise ConfigError("validation.every: set validation.prompts too")
     if cfg.validation.references:

@@ -87,6 +87,13 @@ def build_ds_config(cfg, with_optimizer: bool = True) -> dict[str, Any]:
     return ds
 
 
+def gathered_for_edit(params):
+    """ZeRO-3 parameters whole inside the context; what rank 0 writes into them is kept on every shard."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def zero3_transformer_loader(ds_config: dict):
     """Build a diffusers model partitioned from its first tensor on, and stream its safetensors in.
 

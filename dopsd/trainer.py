@@ -27,10 +27,11 @@ from .models import check_model_paths, load_backend, make_tiny_model
 from .objectives import OBJECTIVES, StepBatch, StepContext, StepResult, distill_loss
 from .preemption import Interrupted, Preempted, StopSignals
 from .sampling import generate, save_grid
-from .adapters import add_lora_adapters, student_lora, student_params
+from .adapters import add_lora_adapters, merge_lora, student_lora, student_params
 from .check import data_summary, needs_live_teacher, per_step_batch
 from .checkpoint import plan_resume
 from .teacher import EmaTeacher
+from .validation import Samples, build_metric, evaluate, plot_history
 
 log = logging.getLogger("dopsd")
 
@@ -81,13 +82,14 @@ class Trainer:
             (log.warning if self.data.skipped else log.info)("data: %s", data_summary(self.data.describe()))
         self._resume_from = plan_resume(cfg, self.ckpt_root, self.info.rank, self.info.world_size)
 
-        loader = None
+        loader = self._editable = None
         if ds_config is not None and ds_config["zero_optimization"].get("stage", 0) >= 3:
-            from .engine_deepspeed import zero3_transformer_loader
+            from .engine_deepspeed import gathered_for_edit, zero3_transformer_loader
 
-            loader = zero3_transformer_loader(ds_config)
+            loader, self._editable = zero3_transformer_loader(ds_config), gathered_for_edit
         self.backend = load_backend(cfg.model, device=str(self.device), transformer_loader=loader)
         module = self.backend.transformer
+        self._merge_loras(module)
 
         self.teacher = None
         if t.mode == "lora":
@@ -129,6 +131,7 @@ class Trainer:
             twin = None
             if self.engine.zero_stage >= 3:  # cannot deep-copy a sharded module: build a sharded twin
                 twin = self.backend.new_transformer()
+                self._merge_loras(twin)
                 if self.kernels:
                     self.backend.apply_kernels(twin)
                 twin = self.engine.wrap_frozen(twin)
@@ -153,7 +156,19 @@ class Trainer:
         self.skipped_steps = 0
         self.truncated_steps = 0
         self._base_samples: torch.Tensor | None = None
+        self._metric_base: torch.Tensor | None = None
+        # {spec: metric} on rank 0 ({} elsewhere: only rank 0 scores); None without validation.metrics
+        self.metrics = ({spec: build_metric(spec) for spec in cfg.validation.metrics} if self.is_main else {}) \
+            if cfg.validation.metrics else None
         self.run_log: RunLog | None = None  # rank 0, from the start of fit()
+
+    def _merge_loras(self, module: torch.nn.Module) -> None:
+        """Continual tuning: `model.merge_loras` added into the DiT's weights, in order, before any adapter."""
+        for path in self.cfg.model.merge_loras:
+            state, meta = self.backend.read_lora(path)
+            n = merge_lora(module, state, meta, str(path), editable=self._editable)
+            if self.is_main:
+                log.info("merged LoRA %s into %d modules of the base", path, n)
 
     def _kernel_choice(self) -> tuple[bool, bool]:
         """(patch the DiT blocks, use the loss kernel): `always`, `never`, or on CUDA with `auto` what the
@@ -250,19 +265,42 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------------------------------------
-    def validation_images(self) -> torch.Tensor | None:
+    def validation_images(self, prompts: list[str] | None = None, seeds: list[int] | None = None
+                          ) -> torch.Tensor | None:
+        """Samples of the model as it is now (default: validation.prompts x seeds), at validation.steps."""
         v = self.cfg.validation
-        if not v.prompts:
+        prompts = v.prompts if prompts is None else prompts
+        if not prompts:
             return None
         height, width = v.resolution or self.cfg.data.resolution
         references = reference_tensors(v.references) if v.references else None
         was_training = self.module.training
         self.module.eval()
         with self.autocast():  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
-            images = generate(self.backend, self.model, v.prompts, v.seeds, height, width,
+            images = generate(self.backend, self.model, prompts, v.seeds if seeds is None else seeds, height, width,
                               v.steps or self.cfg.train.rollout_steps, references=references)
         self.module.train(was_training)
         return images
+
+    def _metric_prompts(self) -> tuple[list[str], list[int]]:
+        v = self.cfg.validation
+        return v.metric_prompts or v.prompts, v.metric_seeds
+
+    def log_metrics(self, images: torch.Tensor | None = None) -> dict | None:
+        """Few-step quality now (collective: every rank samples): `validation.metrics` of the tuned model's
+        samples against the base model's, into log.jsonl, the trackers and validation.png (rank 0)."""
+        prompts, seeds = self._metric_prompts()
+        images = self.validation_images(prompts, seeds) if images is None else images
+        if not self.is_main:
+            return None
+        samples = Samples(images=images, base=self._metric_base, prompts=prompts, seeds=seeds, step=self.step,
+                          steps=self.cfg.validation.steps or self.cfg.train.rollout_steps)
+        record = {"event": "validation", "step": self.step, **evaluate(self.metrics, samples)}
+        self.run_log.write(record)
+        plot_history(self.run_log.path, self.run_dir / "validation.png")
+        log.info("validation at step %d: %s", self.step,
+                 ", ".join(f"{k[4:]} {v:.4g}" for k, v in record.items() if k.startswith("val.")))
+        return record
 
     def save_samples(self, name: str) -> Path | None:
         """PNG grid: one row per validation prompt; left block base model, right block tuned, same seeds."""
@@ -348,6 +386,7 @@ class Trainer:
             (cfg.checkpoint.every, self.save_checkpoint),
             (cfg.output.save_every, lambda: self.export(f"step_{self.step:06d}")),
             (cfg.validation.every, lambda: self.save_samples(f"step_{self.step:06d}")),
+            (cfg.validation.metric_every or cfg.validation.every if self.metrics else 0, self.log_metrics),
         ]
         totals = {p: 0.0 for p in PHASES}
         bar = _progress(cfg.train.steps, cfg.output.progress_bar and self.is_main, initial=self.step)
@@ -385,6 +424,8 @@ class Trainer:
         """Base-model samples (before any resume), the resume, the run log and its start record."""
         cfg = self.cfg
         self._base_samples = self.validation_images()
+        if self.metrics is not None:  # the base model's samples, the metrics' reference, drawn before any resume
+            self._metric_base = self.validation_images(*self._metric_prompts())
         resumed = self.resume()
         run_log = None
         if self.is_main:
@@ -405,6 +446,8 @@ class Trainer:
                            "start_step": self.step, "data_samples": self.data.num_samples,
                            "data_skipped": dict(self.data.skipped)})
         self.run_log = run_log
+        if self.metrics is not None and resumed is None:  # step 0: the base model's own scores
+            self.log_metrics(images=self._metric_base)
         return run_log, resumed
 
     def _timed_step(self, batches, totals: dict[str, float]) -> dict:
@@ -446,6 +489,8 @@ class Trainer:
         """Final export and samples, the end record and the summary line."""
         final = self.export("final")
         grid = self.save_samples("final")
+        if self.metrics is not None:
+            self.log_metrics()
         steps = max(self.step - start_step, 1)
         split = {p: totals[p] / steps for p in PHASES}
         summary = {"event": "end", "steps": self.step, "steps_this_run": self.step - start_step, "wall_time": wall,

@@ -314,3 +314,22 @@ def test_sigterm_to_the_deepspeed_command_stops_the_ranks_with_a_checkpoint(tiny
     assert latest is not None and latest.name == f"step_{stopped_at:08d}" and stopped_at < steps
     assert ckpt.damaged_files(latest) == []
     assert "the deepspeed runner exited" in (run / "train.log").read_text()
+
+
+def test_zero3_merges_a_previous_lora_into_the_sharded_base(runs, tiny_model_dir, data_dir):
+    """Continual tuning under ZeRO-3: the previous run's LoRA is added into each weight while it is gathered,
+    rank 0's values kept on every shard; the run computes what one process computes from the merged base."""
+    lora = runs["zero3"] / "exports" / "final"
+    over = {"model": {"merge_loras": [str(lora)]}, "train": {"steps": 2}, "checkpoint": {"every": 0},
+            "validation": {"every": 0, "prompts": []}}
+    single = runs["tmp"] / "merged-single"
+    Trainer(from_dict(_config(tiny_model_dir, data_dir, single, **over))).fit()
+    zero3 = runs["tmp"] / "merged-zero3"
+    _launch(_zero3(_config(tiny_model_dir, data_dir, zero3, **over)), runs["tmp"])
+    a, b = _losses(single), _losses(zero3)
+    plain = _losses(runs["zero3"])
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in (1, 2):
+        assert _close(a[step]["loss"], b[step]["loss"], 1e-4), step
+        assert _close(a[step]["grad_norm"], b[step]["grad_norm"], 1e-3), step
+    assert not _close(a[1]["loss"], plain[1]["loss"], 1e-3)  # the merge changed the model the run starts from

@@ -183,14 +183,12 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt)
 
 
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-
-
 def sharpness(images) -> float:
-    """Mean squared Laplacian of the luminance (interior pixels), images in [0, 1]."""
-    x = as_batch(images)
-    lum = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-    return float(F.conv2d(lum, _LAPLACIAN).pow(2).mean())
+    """Mean squared Laplacian of the luminance (interior pixels), images in [0, 1]: the library's validation
+    metric (`dopsd.validation.laplacian_energy`), so that a training run's figures and the world's agree."""
+    from dopsd.validation import laplacian_energy
+
+    return laplacian_energy(as_batch(images))
 
 
 def gaussian_blur(images, sigma: float) -> torch.Tensor:

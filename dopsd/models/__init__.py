@@ -48,6 +48,10 @@ def check_model_paths(cfg: "ModelConfig", teacher_encoder: bool) -> None:
     if missing:
         raise FileNotFoundError(f"model.path: {path} is not a {cfg.backend} model directory in the diffusers "
                                 f"layout (missing {', '.join(p + '/' for p in missing)})")
+    for i, lora in enumerate(cfg.merge_loras):
+        if not Path(lora).exists():
+            raise FileNotFoundError(f"model.merge_loras[{i}]: {lora} does not exist (a LoRA file or a run's "
+                                    f"exports/<name> folder)")
     if teacher_encoder and cfg.backend == "zimage" and (cfg.teacher_context or "vlm") == "vlm":
         vlm = Path(cfg.teacher_encoder_path) if cfg.teacher_encoder_path else path / "teacher_encoder"
         if not (vlm / "config.json").is_file():

@@ -83,6 +83,10 @@ class Backend(Protocol):
     def load_lora(self, transformer: nn.Module, path: str | Path, adapter_name: str = "lora") -> None:
         """Load a LoRA written by `save_lora` (or by any diffusers-compatible trainer)."""
 
+    def read_lora(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A diffusers-format LoRA's tensors, named as peft names them in the transformer (`<module>.lora_A.weight`,
+        without the adapter name), and its rank/alpha metadata (empty if the file has none)."""
+
     def new_transformer(self) -> nn.Module:
         """A fresh copy of the trained network at its pretrained weights, built by the same loader (the full
         fine-tune teacher under ZeRO-3, where the live model cannot be deep-copied)."""

@@ -97,6 +97,19 @@ class DiffusersIO:
         state, metadata = pipe.lora_state_dict(str(path), return_lora_metadata=True, use_safetensors=True)
         pipe.load_lora_into_transformer(state, transformer, adapter_name=adapter_name, metadata=metadata)
 
+    def read_lora(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The LoRA's transformer tensors as peft names them in the module, and its metadata, read as the
+        pipeline's `lora_state_dict` reads them (diffusers, kohya and other formats it converts)."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"LoRA {path}: no such file or folder")
+        state, metadata = self._pipeline().lora_state_dict(str(path), return_lora_metadata=True, use_safetensors=True)
+        prefix = "transformer."
+        if any(not k.startswith(prefix) for k in state):
+            other = sorted(k for k in state if not k.startswith(prefix))[:3]
+            raise ValueError(f"LoRA {path}: tensors outside the transformer ({other}); only DiT LoRAs merge")
+        meta = {k[len(prefix):]: v for k, v in (metadata or {}).items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in state.items()}, meta
+
     def save_transformer(self, transformer: nn.Module, out_dir: Path,
                          state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """`save_pretrained` layout; with `state_dict` (weights consolidated from ZeRO-3 shards), those tensors."""
