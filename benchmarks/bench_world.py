@@ -141,19 +141,22 @@ class Scorer:
                 "retention_acc": old["acc_mean"], "fd": old["fd"], "sharpness": old["sharpness_ratio"]}
 
 
-def train(p: Protocol, method: str, lr: float, seed: int, out: Path) -> tuple[Path, float]:
+def train(p: Protocol, method: str, lr: float, seed: int, out: Path, data: str | None = None,
+          merge: tuple[str, ...] = (), tag: str = "") -> tuple[Path, float]:
+    """One tuning run as a user runs it; `data` (default p.data) and `merge` (model.merge_loras: continual
+    tuning) for bench_continual.py."""
     from dopsd.config import from_dict
     from dopsd.trainer import Trainer
 
-    run_dir = out / f"{method}_lr{lr:g}_seed{seed}"
+    run_dir = out / f"{tag}{method}_lr{lr:g}_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = from_dict({
         "model": {"backend": "zimage", "path": p.model, "teacher_min_pixels": 4096, "teacher_max_pixels": 4096,
-                  "teacher_context": METHODS[method].teacher_context},
+                  "teacher_context": METHODS[method].teacher_context, "merge_loras": [str(m) for m in merge]},
         "lora": {"rank": p.rank, "alpha": p.alpha},
         "train": {"mode": "lora", "objective": METHODS[method].objective, "steps": p.steps, "batch_size": p.batch_size, "lr": lr,
                   "rollout_steps": p.few_steps, "seed": seed, "device": "cpu"},
-        "data": {"type": "folder", "path": p.data, "resolution": [32, 32]},
+        "data": {"type": "folder", "path": data or p.data, "resolution": [32, 32]},
         "output": {"dir": str(run_dir), "save_every": p.eval_every, "tensorboard": False,
                    "progress_bar": False, "log_every": 10},
     })
