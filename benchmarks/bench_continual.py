@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -163,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                          for stage in ("after_a", "after_b")}
     table = write_table(p, results, out, time.perf_counter() - t0)
     (out / "continual.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(table.read_text())
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return bw.finish(table, work, keep=bool(args.work))
 
 
 if __name__ == "__main__":

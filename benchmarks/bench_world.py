@@ -351,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in METHODS:
         saved["report"][m].pop("final_lora")
     (out / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
+    return finish(table, work, keep=bool(args.work))
+
+
+def finish(table: Path, work: Path, keep: bool) -> int:
+    """Print the table; remove the training runs unless their directory was asked for (--work)."""
     print(table.read_text())
-    if not args.work:
+    if not keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -111,28 +111,16 @@ def merge_lora(transformer: nn.Module, state: dict[str, torch.Tensor], metadata:
     if metadata.get("use_dora"):
         raise ValueError(f"{source}: a DoRA adapter does not merge as W + BA")
     modules = dict(transformer.named_modules())
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        for role in ("lora_A", "lora_B"):
-            suffix = f".{role}.weight"
-            if key.endswith(suffix):
-                pairs.setdefault(key[: -len(suffix)], {})[role] = value
-                break
-        else:
-            raise ValueError(f"{source}: {key!r} is not a LoRA factor (<module>.lora_A/B.weight)")
     rank_pattern, alpha_pattern = metadata.get("rank_pattern") or {}, metadata.get("alpha_pattern") or {}
     if rank_pattern or alpha_pattern:
         raise ValueError(f"{source}: per-module rank/alpha patterns are not supported for merging")
     changed = 0
-    for name in sorted(pairs):
-        factors = pairs[name]
-        if set(factors) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{source}: {name} lacks {({'lora_A', 'lora_B'} - set(factors)).pop()}")
+    for name, (a, b) in lora_factors(state, source).items():
         module = modules.get(name)
-        weight = getattr(module, "weight", None)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{source}: {name} is not a linear layer of this transformer")
-        a, b = factors["lora_A"].float(), factors["lora_B"].float()
+        weight = module.weight
+        a, b = a.float(), b.float()
         rank = a.shape[0]
         alpha = float(metadata.get("lora_alpha", rank))
         scale = alpha / (rank ** 0.5 if metadata.get("use_rslora") else rank)
@@ -146,4 +134,28 @@ def merge_lora(transformer: nn.Module, state: dict[str, torch.Tensor], metadata:
     if not changed:
         raise ValueError(f"{source}: no LoRA tensors")
     return changed
+
+
+def lora_factors(state: dict[str, torch.Tensor], source: str, note: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A, B)}, sorted by module, from `<module>.lora_A.weight` / `<module>.lora_B.weight` tensors;
+    ValueError naming `source` for anything else, a missing factor, or factors of no linear LoRA."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        for role in ("lora_A", "lora_B"):
+            suffix = f".{role}.weight"
+            if name.endswith(suffix):
+                parts.setdefault(name[:-len(suffix)], {})[role] = tensor
+                break
+        else:
+            raise ValueError(f"{source}: {name!r} is not a plain LoRA factor (lora_A/lora_B weight){note}")
+    out = {}
+    for module, p in sorted(parts.items()):
+        if set(p) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{source}: {module} lacks {({'lora_A', 'lora_B'} - set(p)).pop()}")
+        a, b = p["lora_A"], p["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{source}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                             "are not the factors of one linear LoRA")
+        out[module] = (a, b)
+    return out
 

@@ -87,26 +87,10 @@ KEYS = {"zimage": ZIMAGE, "flux2_klein": FLUX2_KLEIN}  # by backend name
 def lora_modules(state: dict[str, "torch.Tensor"]) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
     """{module: (A, B)} from a peft LoRA state dict (`<module>.lora_A.weight` / `<module>.lora_B.weight`, the
     keys `get_peft_model_state_dict` returns and the diffusers file holds behind `transformer.`)."""
-    parts: dict[str, dict[str, Any]] = {}
-    for name, tensor in state.items():
-        for role in ("lora_A", "lora_B"):
-            suffix = f".{role}.weight"
-            if name.endswith(suffix):
-                parts.setdefault(name[:-len(suffix)], {})[role] = tensor
-                break
-        else:
-            raise ValueError(f"ComfyUI export: {name!r} is not a plain LoRA factor (lora_A/lora_B weight); "
-                             "DoRA magnitudes and LoRA biases have no ComfyUI 'lora' equivalent here")
-    out = {}
-    for module, p in sorted(parts.items()):
-        if set(p) != {"lora_A", "lora_B"}:
-            raise ValueError(f"ComfyUI export: {module} lacks {({'lora_A', 'lora_B'} - set(p)).pop()}")
-        a, b = p["lora_A"], p["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"ComfyUI export: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                             "are not the factors of one linear LoRA")
-        out[module] = (a, b)
-    return out
+    from .adapters import lora_factors
+
+    return lora_factors(state, "ComfyUI export", note="; DoRA magnitudes and LoRA biases have no ComfyUI 'lora' "
+                                                      "equivalent here")
 
 
 def comfyui_alpha(metadata: dict[str, Any], rank: int) -> float:
