@@ -366,7 +366,7 @@ def validate(cfg: Config) -> Config:
                 "engine.rendezvous_timeout_s"):
         positive(key)
     for key in ("train.warmup_steps", "train.weight_decay", "train.grad_clip", "data.num_workers", "validation.every",
-                "validation.steps", "output.save_every", "checkpoint.every", "checkpoint.keep"):
+                "validation.steps", "validation.metric_every", "output.save_every", "checkpoint.every", "checkpoint.keep"):
         positive(key, allow_zero=True)
     if not 0.0 <= cfg.train.ema_decay <= 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1], got {cfg.train.ema_decay}")
@@ -425,7 +425,6 @@ def validate(cfg: Config) -> Config:
                               "validation.metric_seeds")
         if cfg.validation.references:
             raise ConfigError("validation.metrics: not with validation.references (editing samples) yet")
-    positive("validation.metric_every", allow_zero=True)
     if cfg.validation.every and not cfg.validation.prompts:
         raise ConfigError("validation.every: set validation.prompts too")
     if cfg.validation.references:

@@ -157,9 +157,9 @@ class Trainer:
         self.truncated_steps = 0
         self._base_samples: torch.Tensor | None = None
         self._metric_base: torch.Tensor | None = None
-        # {spec: metric} on rank 0 ({} elsewhere: only rank 0 scores); None without validation.metrics
-        self.metrics = ({spec: build_metric(spec) for spec in cfg.validation.metrics} if self.is_main else {}) \
-            if cfg.validation.metrics else None
+        # {spec: metric}, on rank 0 only (every rank samples, rank 0 scores)
+        self.metrics = {spec: build_metric(spec) for spec in cfg.validation.metrics} if self.is_main else {}
+        self._sampled: tuple = ()  # (key, images) of the last validation_images call: grid and metrics share it
         self.run_log: RunLog | None = None  # rank 0, from the start of fit()
 
     def _merge_loras(self, module: torch.nn.Module) -> None:
@@ -272,14 +272,19 @@ class Trainer:
         prompts = v.prompts if prompts is None else prompts
         if not prompts:
             return None
+        seeds = v.seeds if seeds is None else seeds
+        key = (self.step, tuple(prompts), tuple(seeds))  # the weights change only with the step (or a resume)
+        if self._sampled and self._sampled[0] == key:
+            return self._sampled[1]
         height, width = v.resolution or self.cfg.data.resolution
         references = reference_tensors(v.references) if v.references else None
         was_training = self.module.training
         self.module.eval()
         with self.autocast():  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
-            images = generate(self.backend, self.model, prompts, v.seeds if seeds is None else seeds, height, width,
+            images = generate(self.backend, self.model, prompts, seeds, height, width,
                               v.steps or self.cfg.train.rollout_steps, references=references)
         self.module.train(was_training)
+        self._sampled = (key, images)
         return images
 
     def _metric_prompts(self) -> tuple[list[str], list[int]]:
@@ -370,6 +375,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{path} holds no teacher state for rank {self.info.rank}")
             self.teacher.load_state_dict(teacher_state)
         ckpt.restore_rng(rng)
+        self._sampled = ()  # new weights: no earlier samples stand for them
         self.step = state["step"]
         self.position = json.loads(state["data_position"])
         self.skipped_steps, self.truncated_steps = state["skipped_steps"], state["truncated_steps"]
@@ -386,7 +392,7 @@ class Trainer:
             (cfg.checkpoint.every, self.save_checkpoint),
             (cfg.output.save_every, lambda: self.export(f"step_{self.step:06d}")),
             (cfg.validation.every, lambda: self.save_samples(f"step_{self.step:06d}")),
-            (cfg.validation.metric_every or cfg.validation.every if self.metrics else 0, self.log_metrics),
+            (cfg.validation.metric_every or cfg.validation.every if cfg.validation.metrics else 0, self.log_metrics),
         ]
         totals = {p: 0.0 for p in PHASES}
         bar = _progress(cfg.train.steps, cfg.output.progress_bar and self.is_main, initial=self.step)
@@ -424,7 +430,7 @@ class Trainer:
         """Base-model samples (before any resume), the resume, the run log and its start record."""
         cfg = self.cfg
         self._base_samples = self.validation_images()
-        if self.metrics is not None:  # the base model's samples, the metrics' reference, drawn before any resume
+        if cfg.validation.metrics:  # the base model's samples, the metrics' reference, drawn before any resume
             self._metric_base = self.validation_images(*self._metric_prompts())
         resumed = self.resume()
         run_log = None
@@ -446,7 +452,7 @@ class Trainer:
                            "start_step": self.step, "data_samples": self.data.num_samples,
                            "data_skipped": dict(self.data.skipped)})
         self.run_log = run_log
-        if self.metrics is not None and resumed is None:  # step 0: the base model's own scores
+        if cfg.validation.metrics and resumed is None:  # step 0: the base model's own scores
             self.log_metrics(images=self._metric_base)
         return run_log, resumed
 
@@ -489,7 +495,7 @@ class Trainer:
         """Final export and samples, the end record and the summary line."""
         final = self.export("final")
         grid = self.save_samples("final")
-        if self.metrics is not None:
+        if self.cfg.validation.metrics:
             self.log_metrics()
         steps = max(self.step - start_step, 1)
         split = {p: totals[p] / steps for p in PHASES}
