@@ -119,11 +119,15 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(cluster, job_config, re
     info = cluster.wait(job, timeout=300, until=("PENDING", *done))
     if info["JobState"] == "PENDING":
         # Slurm holds a requeued job ~2 min (its begin time) before it may start again; as an admin would,
-        # the test lets it start now. The requeue itself was the batch script's (`scontrol requeue`).
+        # the test lets it start sooner. The requeue itself was the batch script's (`scontrol requeue`).
+        # Not at once: slurmd revokes the old run's credential at second resolution and refuses (fails the
+        # job, "Job credential revoked") a new one issued in that same second.
+        time.sleep(3)
         cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     info = cluster.wait(job, timeout=600, until=done)
     text = _job_log(root, job)
-    assert info["JobState"] == "COMPLETED", (info, text)
+    if info["JobState"] != "COMPLETED":  # the whole job log: pytest would shorten it in an assert
+        pytest.fail(f"job {job} ended {info['JobState']} ({info.get('Reason')}, exit {info.get('ExitCode')})\n{text}")
     assert int(info.get("Restarts", "0")) >= 1, info
     assert "requeueing job" in text and "resumed from" in text
     straight, resumed = _losses(reference_run[0]), _losses(out)
