@@ -66,6 +66,53 @@ def test_script_builds_a_loadable_model_and_reuses_finished_stages(tmp_path):
     assert len(ctx) == 1 and ctx[0].shape[-1] == backend.transformer.config.cap_feat_dim
 
 
+class _Killed(Exception):
+    pass
+
+
+def _kill_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make module.name raise on its n-th call from now (a build killed in the middle of a stage)."""
+    real, calls = getattr(module, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise _Killed(f"{name} call {n}")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_build_killed_in_every_long_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """`--work`: a build killed mid-pretraining, mid-in-context training, mid-trajectories and mid-distillation
+    continues each time from its last mid-stage checkpoint and ends with the weights of an unbroken build."""
+    import dopsd_world.toybase as tb
+
+    tiny = dict(num_images=64, num_unnamed=32, vae_steps=3, vae_batch=8, pretrain_steps=4, incontext_steps=3,
+                batch=8, trajectories=16, teacher_steps=8, distill_steps=3, dit_dim=64, dit_layers=1)
+    monkeypatch.setattr(tb, "TRAJECTORY_CHUNK", 4)  # 4 chunks, so the trajectories stage can stop between two
+    make_toy_base(tmp_path / "straight", ToyBaseSettings(**tiny))
+    work = tmp_path / "work"
+    kills = [("_optimizer_step", 3),  # pretraining step 3 (steps 1-2 saved)
+             ("_optimizer_step", 4),  # pretraining 3-4, then in-context step 2
+             ("velocity", 20),        # in-context step 3, then the trajectories' third chunk
+             ("_optimizer_step", 2)]  # distillation step 2
+    partials = []
+    for name, n in kills:
+        with monkeypatch.context() as m:
+            _kill_on_call(m, tb, name, n)
+            with pytest.raises(_Killed):
+                make_toy_base(tmp_path / "resumed", ToyBaseSettings(**tiny), work=work, checkpoint_every_s=0)
+        partials.append(sorted(p.name.split("-")[0] for p in work.glob("*.partial.safetensors")))
+    assert partials == [["pretrain"], ["incontext"], ["trajectories"], ["distill"]]
+    report = make_toy_base(tmp_path / "resumed", ToyBaseSettings(**tiny), work=work, checkpoint_every_s=0)
+    assert not list(work.glob("*.partial.safetensors"))  # each stage's loop state goes once its result is kept
+    assert report["stages"]["pretrain"]["cached"] and report["stages"]["incontext"]["cached"]
+    for part in ("transformer", "text_encoder", "vae"):
+        for f in (tmp_path / "straight" / part).glob("*.safetensors"):
+            a, b = load_file(f), load_file(tmp_path / "resumed" / part / f.name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
 def test_data_parallel_build_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m dopsd_world.toybase`: each rank computes half of every global batch (and
     half of the trajectories) and gradients are averaged, so the model is the one-process model up to float
@@ -95,7 +142,8 @@ def test_data_parallel_build_matches_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["processes"] == 2
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "work").iterdir()) == ["incontext", "pretrain", "vae"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "work").iterdir()) == [
+        "incontext", "pretrain", "trajectories", "vae"]
     s = ToyBaseSettings(**sets)
     torch.manual_seed(s.seed)
     init = build_tiny_components(s.seed, dit_dim=s.dit_dim, dit_layers=s.dit_layers, text_hidden=s.text_hidden,

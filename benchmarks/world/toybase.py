@@ -50,6 +50,7 @@ from dopsd.sampling import sample_batch as sample
 from .evaluator import ACC_BAR
 from .gate import curved_gate, curved_scores
 from .generator import TEXTURES, VOCAB, captions, sample_world
+from .partial import StageCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +448,8 @@ class PatchReconstruction(torch.nn.Module):
         return F.mse_loss(self.proj(features), target)
 
 
-def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=None, phase: int = 0) -> Stage:
+def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=None, phase: int = 0,
+             ckpt: StageCheckpoint | None = None) -> Stage:
     transformer = backend.transformer
     vl = components["teacher_encoder"]
     params = (list(transformer.parameters()) + list(components["text_encoder"].parameters())
@@ -465,9 +467,16 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
     dev = backend.device
     t0 = time.time()
     mean, std = latent_moments(components["vae"], pool.images)  # the VAE is frozen: encode once, sample per step
-    ema = None
+    ema, start, elapsed = None, 0, 0.0
+    ckpt = ckpt or StageCheckpoint(None, "")
+    loop = dict(modules={"transformer": transformer, "text_encoder": components["text_encoder"],
+                         "visual": vl.model.visual, **({"head": head} if head is not None else {})},
+                opt=opt, sched=sched, gens={"noise": gen}, rngs={"draw": rng})
+    if (saved := ckpt.restore(**loop)) is not None:
+        start, ema, elapsed = saved["position"], saved["ema"], saved["seconds"]
+    t0 = time.time() - elapsed
     mine = _local(s.batch)
-    for step in range(s.pretrain_steps):
+    for step in range(start, s.pretrain_steps):
         # the global batch and all its noise, drawn the same on every rank; this rank computes `mine` of it
         idx, prompts, kinds = pool.draw(rng, s.batch, s, s.p_reference if phase else 0.0)
         idx = torch.tensor(idx)
@@ -497,13 +506,19 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
             transformer.eval()
             log.info("pretrain %d: %s", step + 1, monitor())
             transformer.train()
+        if ckpt.due():
+            ckpt.save({"position": step + 1, "ema": ema, "seconds": time.time() - t0}, **loop)
     transformer.eval()
     return Stage(time.time() - t0, all_mean(ema))
 
 
+TRAJECTORY_CHUNK = 128  # trajectories integrated together (one forward's batch)
+
+
 @torch.no_grad()
-def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
-    """Many-step Euler trajectories of the pretrained model, kept at the turbo schedule's points."""
+def make_trajectories(backend, pool: Pool, s: ToyBaseSettings, ckpt: StageCheckpoint | None = None) -> dict:
+    """Many-step Euler trajectories of the pretrained model, kept at the turbo schedule's points. With `ckpt`
+    (one process only) the chunks done so far are saved and a rerun continues after them."""
     from dopsd.schedule import euler_step
 
     rng = random.Random(s.seed + 3)
@@ -517,10 +532,16 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
     rank, world = _rank_world()
     # chunk c is integrated by rank c % world; the others leave zeros there, and a sum gathers them all
     states = (torch.empty if world == 1 else torch.zeros)((s.trajectories, s.turbo_steps + 1) + tuple(shape[1:]))
-    for chunk, start in enumerate(range(0, s.trajectories, 128)):
-        if chunk % world != rank:
+    ckpt = ckpt if ckpt is not None and world == 1 else StageCheckpoint(None, "")
+    first, kept = 0, {"states": states}
+    if (saved := ckpt.restore({}, tensors=kept)) is not None:
+        first, states = saved["position"], kept["states"]
+    for chunk, start in enumerate(range(0, s.trajectories, TRAJECTORY_CHUNK)):
+        if chunk % world != rank or chunk < first:
             continue
-        sl = slice(start, start + 128)
+        if ckpt.due():
+            ckpt.save({"position": chunk}, {}, tensors={"states": states})
+        sl = slice(start, start + TRAJECTORY_CHUNK)
         ctx = contexts(backend, prompts[sl], pool.images[idx[sl]], kinds[sl], grad=False)
         x = noise[sl].to(backend.device)
         states[sl, 0] = noise[sl]
@@ -535,7 +556,7 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings) -> dict:
     return {"idx": idx, "prompts": prompts, "kinds": kinds, "states": states}
 
 
-def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stage:
+def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings, ckpt: StageCheckpoint | None = None) -> Stage:
     transformer = backend.transformer
     coarse = backend.sigmas(s.turbo_steps, backend.latent_shape(1, s.size, s.size))
     opt = torch.optim.AdamW(transformer.parameters(), lr=s.distill_lr, weight_decay=0.0)
@@ -543,10 +564,14 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
     gen = torch.Generator().manual_seed(s.seed + 4)
     states, n = trajectories["states"], s.trajectories
     transformer.train()
-    t0 = time.time()
-    ema = None
+    ema, start, elapsed = None, 0, 0.0
+    ckpt = ckpt or StageCheckpoint(None, "")
+    loop = dict(modules={"transformer": transformer}, opt=opt, sched=sched, gens={"pick": gen})
+    if (saved := ckpt.restore(**loop)) is not None:
+        start, ema, elapsed = saved["position"], saved["ema"], saved["seconds"]
+    t0 = time.time() - elapsed
     mine = _local(s.batch)
-    for step in range(s.distill_steps):
+    for step in range(start, s.distill_steps):
         j = torch.randint(0, n, (s.batch,), generator=gen)
         k = torch.randint(0, s.turbo_steps, (s.batch,), generator=gen)
         j, k = _take(j, mine), _take(k, mine)
@@ -566,6 +591,10 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings) -> Stag
         if (step + 1) % 100 == 0:
             log.info("distill %d/%d loss %.5f (%.0fs)", step + 1, s.distill_steps, all_mean(ema),
                      time.time() - t0)
+        if ckpt.due():
+            ckpt.save({"position": step + 1, "ema": ema, "seconds": time.time() - t0}, **loop)
+    if ckpt.path is not None and start < s.distill_steps:  # the turbo is final: a rerun skips to its evaluation
+        ckpt.save({"position": s.distill_steps, "ema": ema, "seconds": time.time() - t0}, **loop)
     transformer.eval()
     return Stage(time.time() - t0, all_mean(ema))
 
@@ -624,7 +653,15 @@ _LATER = {  # the VAE stage always runs on the CPU
                                     "aux_weight", "p_reference", "world", "stated_extra"),  # (same images)
     "incontext": _DISTILL,
     "pretrain": _DISTILL + _INCONTEXT + ("p_reference",),
+    "trajectories": ("distill_steps", "distill_lr", "eval_count", "eval_prompts", "eval_seeds"),
+    "distill": ("eval_count", "eval_prompts", "eval_seeds"),
+    "base_scores": ("trajectories", "distill_steps", "distill_lr"),
 }
+
+
+def _stage_key(stage: str, s: ToyBaseSettings) -> str:
+    settings = {k: v for k, v in asdict(s).items() if k not in _LATER[stage]}
+    return f"{stage}-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _stage_modules(c: dict, stage: str) -> dict:
@@ -639,14 +676,14 @@ def module_state(state: dict, name: str) -> dict:
     return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
 
 
-def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, run) -> dict:
+def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, run, every_s: float = 600.0) -> dict:
     """Run a stage, or load its result from `work` when the same settings already produced it (an interrupted
-    or re-tuned build does not redo finished stages; the result is the same either way)."""
+    or re-tuned build does not redo finished stages; the result is the same either way). `run(ckpt)` gets the
+    stage's mid-stage checkpoint (`partial.StageCheckpoint`), so an interrupted stage resumes, too."""
     from safetensors.torch import load_file, save_file
 
-    settings = {k: v for k, v in asdict(s).items() if k not in _LATER[stage]}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    path = work / f"{stage}-{key}.safetensors" if work is not None else None
+    key = _stage_key(stage, s)
+    path = work / f"{key}.safetensors" if work is not None else None
     modules = _stage_modules(c, stage)
     if path is not None and path.exists():
         state = load_file(str(path))
@@ -660,7 +697,8 @@ def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, ru
             c["vae"].register_to_config(**info.pop("vae_config"))
         log.info("%s: loaded from %s", stage, path)
         return {**info, "cached": True}
-    info = asdict(run())
+    ckpt = StageCheckpoint(work, key, every_s, rank=_rank_world()[0])
+    info = asdict(run(ckpt))
     if path is not None and _rank_world()[0] == 0:
         work.mkdir(parents=True, exist_ok=True)
         state = {f"{name}.{k}": v.detach().cpu().contiguous() for name, module in modules.items()
@@ -669,7 +707,49 @@ def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, ru
         if stage == "vae":
             meta["vae_config"] = {k: c["vae"].config[k] for k in ("shift_factor", "scaling_factor")}
         save_file(state, str(path), metadata={"info": json.dumps(meta)})
+    ckpt.finish()
     return info
+
+
+def _fingerprint(module) -> str:
+    """A short hash of a module's weights (what a cached score depends on besides the settings)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()) if isinstance(module, torch.nn.Module) else []:
+        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _cached_json(work: Path | None, key: str, compute) -> dict:
+    path = work / f"{key}.json" if work is not None else None
+    if path is not None and path.exists():
+        log.info("%s: loaded from %s", key, path)
+        return json.loads(path.read_text())
+    value = compute()
+    if path is not None and _rank_world()[0] == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    return value
+
+
+def _cached_trajectories(work: Path | None, backend, pool: Pool, s: ToyBaseSettings, every_s: float) -> dict:
+    """`make_trajectories`, cached in `work` like a stage (tensors in safetensors, prompts in its metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = _stage_key("trajectories", s)
+    path = work / f"{key}.safetensors" if work is not None else None
+    if path is not None and path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            text = json.loads(f.metadata()["text"])
+            log.info("trajectories: loaded from %s", path)
+            return {"idx": f.get_tensor("idx"), "states": f.get_tensor("states"), **text}
+    ckpt = StageCheckpoint(work, key, every_s, rank=_rank_world()[0])
+    traj = make_trajectories(backend, pool, s, ckpt)
+    if path is not None and _rank_world()[0] == 0:
+        save_file({"idx": traj["idx"].contiguous(), "states": traj["states"].contiguous()}, str(path),
+                  metadata={"text": json.dumps({"prompts": traj["prompts"], "kinds": traj["kinds"]})})
+    ckpt.finish()
+    return traj
 
 
 def _move(components: dict, device: str) -> None:
@@ -679,7 +759,9 @@ def _move(components: dict, device: str) -> None:
 
 
 def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettings(), evaluator=None,
-                  work: str | Path | None = None) -> dict:
+                  work: str | Path | None = None, checkpoint_every_s: float = 600.0) -> dict:
+    """Build the toy turbo into `out_dir`. With `work`, finished stages are cached there and a long stage saves
+    its loop state every `checkpoint_every_s` seconds, so a killed build resumes where it stopped."""
     from dopsd.models.zimage_tiny import build_tiny_components, save_zimage_dir
 
     s = settings
@@ -706,19 +788,20 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
         report: dict = {"settings": asdict(s), "stages": {}}
 
         c["vae"].requires_grad_(True)
-        report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda: train_vae(c["vae"], pool.images, s))
+        report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda _: train_vae(c["vae"], pool.images, s))
         c["vae"].eval().requires_grad_(False)
         make_deterministic(c["vae"])
         _move(c, s.device)
         backend = build_backend(c, s, trainable=True)
         monitor = (lambda: in_context(backend, evaluator, s, count=32)) if evaluator is not None else None
+        every = checkpoint_every_s
         report["stages"]["pretrain"] = _cached_stage(work, "pretrain", s, c,
-                                                     lambda: pretrain(backend, c, pool, s, monitor))
+                                                     lambda ck: pretrain(backend, c, pool, s, monitor, ckpt=ck), every)
         if s.incontext_steps:
             phase = replace(s, pretrain_steps=s.incontext_steps, pretrain_lr=s.incontext_lr,
                             p_image=s.incontext_p_image, p_unnamed=s.incontext_p_unnamed)
-            report["stages"]["incontext"] = _cached_stage(work, "incontext", s, c,
-                                                          lambda: pretrain(backend, c, pool, phase, monitor, phase=1))
+            report["stages"]["incontext"] = _cached_stage(
+                work, "incontext", s, c, lambda ck: pretrain(backend, c, pool, phase, monitor, phase=1, ckpt=ck), every)
         backend = build_backend(c, s, trainable=False)
         backend.transformer.eval()
         curved = getattr(s, "world", "base") == "curved"
@@ -731,14 +814,17 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
             else:
                 def score(num_steps: int) -> dict:
                     return evaluate(backend, evaluator, s, num_steps)
-            report["base_many_steps"] = score(s.teacher_steps)
-            report["base_4_steps"] = score(s.turbo_steps)
+            # (cached: the curved world's many-step scores take a while on a CPU)
+            base = _cached_json(work, _stage_key("base_scores", s) + "-" + _fingerprint(evaluator),
+                                lambda: {"base_many_steps": score(s.teacher_steps), "base_4_steps": score(s.turbo_steps)})
+            report.update(base)
             log.info("base: %s steps %s; 4 steps %s", s.teacher_steps, report["base_many_steps"],
                      report["base_4_steps"])
         t0 = time.time()
-        traj = make_trajectories(backend, pool, s)
+        traj = _cached_trajectories(work, backend, pool, s, every)
         report["stages"]["trajectories"] = {"seconds": time.time() - t0}
-        report["stages"]["distill"] = asdict(distill(backend, traj, pool, s))
+        distilling = StageCheckpoint(work, _stage_key("distill", s), every, rank=_rank_world()[0])
+        report["stages"]["distill"] = asdict(distill(backend, traj, pool, s, distilling))
         if evaluator is not None:
             report["turbo_4_steps"] = score(s.turbo_steps)
             report["turbo_4_steps_image_only"] = evaluate(backend, evaluator, s, s.turbo_steps, with_image=True)
@@ -765,12 +851,16 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
 
         save_file(pre_distillation, str(out / PRE_DISTILLATION))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    distilling.finish()  # the turbo is written: its loop state is no longer needed
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model directory to write (Z-Image layout)")
-    parser.add_argument("--work", help="stage cache directory: finished stages are reused on a rerun")
+    parser.add_argument("--work", help="stage cache directory: finished stages are reused on a rerun, and an "
+                                       "interrupted stage resumes from its last mid-stage checkpoint")
+    parser.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
+                        help="with --work: how often a long stage saves its loop state (default 600)")
     parser.add_argument("--evaluator", help="world evaluator safetensors (scores written to report.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ToyBaseSettings field, e.g. --set pretrain_steps=500")
@@ -792,7 +882,8 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluator:
         from .evaluator import load_evaluator
         evaluator = load_evaluator(args.evaluator)
-    report = make_toy_base(args.out, cls(**overrides), evaluator, work=args.work)
+    report = make_toy_base(args.out, cls(**overrides), evaluator, work=args.work,
+                           checkpoint_every_s=getattr(args, "checkpoint_every", 600.0))
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
     return 0
 
