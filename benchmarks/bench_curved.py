@@ -1,0 +1,282 @@
+"""The verdict on the curved miniature world: does SFT erode few-step sampling, and does D-OPSD keep it?
+
+    python benchmarks/bench_curved.py [--model DIR] [--out benchmarks/results/world_curved] [--smoke]
+
+The base world (bench_world.py) cannot ask this: its captions state all six attributes, its flow is almost
+straight and a many-step model already samples it well at one Euler step. In the curved world (dopsd_world.curved)
+a caption states shape and colour and 0-2 more attributes, so a prompt has many images and a few Euler steps
+of a many-step model average them into blur; the curved toy turbo (`dopsd-world make-toy-base --world curved`,
+gated by `gate.CURVED_GATE` before this script may run on it) is step-distilled to 4 steps on it. The old
+world's results (benchmarks/results/world) stay as they are.
+
+Protocol (written before any curved-world result existed, before the curved turbo was built):
+- base: --model, a curved build that passed its gate (the script refuses one whose report.json says the gate
+  failed); reference rows: the untuned turbo and the model before step distillation (the build's
+  `pre_distillation.safetensors`), scored exactly as the tuned models;
+- data: six images of the held-out checkered texture, captioned in the curved style with "[V]" for the texture
+  (`write_curved_concept_folder(count=6, seed=0)`: shape, colour, [V] and 0-1 more attributes), the same
+  for every method and seed;
+- methods: SFT; D-OPSD with the reference-image teacher; D-OPSD with the VLM teacher (both teacher routes of the
+  toy). Only `train.objective` and the teacher's route differ; `ema_decay` is the recipe's default, used by
+  D-OPSD's teacher only. Same budget (200 steps, batch 4, LoRA rank 8 / alpha 16, 4-step roll-outs), same data
+  order per seed;
+- learning rate: each method's best of LRS on seed 0, scored on the *sweep* prompt sets at 4 steps after the last
+  step, by concept texture accuracy + old-prompt stated-attribute accuracy (bench_world.py's rule);
+- report: the chosen lr on seeds 1..5, on separate *report* prompt sets (other prompt seeds);
+- scores (the shipped world evaluator through `curved.OpenScorer`, against real samples of the same prompts), at
+  1, 2, 4 Euler steps and at the many-step budget (32): concept adherence on held-out "[V]" prompts (texture
+  accuracy, stated-attribute accuracy); retention on old curved-world prompts (stated-attribute accuracy,
+  diversity ratio, Fréchet distance, sharpness ratio, and the share of samples that draw the checkered texture
+  where the prompt leaves the texture open: leakage);
+- reported: mean ± std per method, D-OPSD minus SFT per seed (paired) with a 95% t interval; the step-budget
+  curve (each metric vs 1, 2, 4, 8, 32 steps) per method and reference; grids at 1 and 4 steps.
+  Nothing is asserted; tests run `--smoke` on a tiny curved build.
+
+Writes results.md, results.json, budget_curves.png and grid_*.png/.txt to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_world as bw  # noqa: E402
+from paired import paired  # noqa: E402
+
+METHODS = ("sft", "dopsd", "dopsd_vlm")
+
+
+@dataclass(frozen=True)
+class CurvedProtocol(bw.Protocol):
+    model: str = str(bw.REPO / "runs" / "curved-turbo")
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    budgets: tuple[int, ...] = (1, 2, 4, 8, 32)  # the curve; the table shows 1, 2, 4 and many_steps
+    concept_prompts: int = 32
+    concept_per_prompt: int = 4
+    retention_prompts: int = 32
+    retention_per_prompt: int = 8
+    data_count: int = 6
+    data_seed: int = 0
+    sweep_world_seeds: tuple[int, int] = (700, 701)
+    report_world_seeds: tuple[int, int] = (800, 801)
+
+
+SMOKE = dict(steps=2, lrs=(1e-3,), seeds=(1,), eval_every=2, budgets=(1, 2), many_steps=2, concept_prompts=2,
+             concept_per_prompt=2, retention_prompts=2, retention_per_prompt=2)
+
+CONCEPT = [("acc_texture", "[V]: texture acc ↑"), ("acc_mean", "[V]: stated acc ↑")]
+RETENTION = [("acc_mean", "old: stated acc ↑"), ("diversity_ratio", "old: diversity ratio (1 = real)"),
+             ("fd", "old: Fréchet ↓"), ("sharpness_ratio", "old: sharpness ratio (1 = real)"),
+             ("concept_share", "old: [V] leakage ↓")]
+COLUMNS = [("concept", k, label) for k, label in CONCEPT] + [("retention", k, label) for k, label in RETENTION]
+
+
+class CurvedScorer:
+    """Samples a curved build (turbo, its pre-distillation twin, or the turbo with a LoRA) and scores it."""
+
+    def __init__(self, p: CurvedProtocol, world_seeds: tuple[int, int]):
+        from dopsd.config import ModelConfig
+        from dopsd.models import load_backend
+        from dopsd_world.curved import OpenScorer, prompt_set
+        from dopsd_world.evaluator import load_evaluator
+
+        self.p, self.size = p, 32
+        self.backend = load_backend(ModelConfig(backend="zimage", path=p.model, teacher_min_pixels=4096,
+                                                teacher_max_pixels=4096))
+        ev = load_evaluator(p.evaluator)
+        self.scorers = {
+            "concept": OpenScorer(ev, prompt_set(p.concept_prompts, world_seeds[0], concept=True),
+                                  per_prompt=p.concept_per_prompt),
+            "retention": OpenScorer(ev, prompt_set(p.retention_prompts, world_seeds[1]),
+                                    per_prompt=p.retention_per_prompt)}
+
+    def transformer(self, which: str | Path | None):
+        """None: the turbo; "pre_distillation": the model before step distillation; a path: turbo + LoRA."""
+        from safetensors.torch import load_file
+
+        from dopsd_world.toybase import PRE_DISTILLATION, module_state
+
+        t = self.backend.new_transformer()
+        if which == "pre_distillation":
+            t.load_state_dict(module_state(load_file(str(Path(self.p.model) / PRE_DISTILLATION)), "transformer"),
+                              strict=True)
+        elif which is not None:
+            self.backend.load_lora(t, Path(which))
+        return t.eval()
+
+    def score(self, transformer, steps: int) -> dict:
+        from dopsd.sampling import sample_batch
+
+        out = {}
+        for name, scorer in self.scorers.items():
+            images = sample_batch(self.backend, transformer, scorer.texts(), scorer.seeds(), steps, self.size)
+            out[name] = {k: float(v) for k, v in scorer.score(images).items()}
+        return out
+
+    def budgets(self, transformer) -> dict:
+        return {str(n): self.score(transformer, n) for n in sorted({*self.p.budgets, self.p.many_steps})}
+
+
+def check_gate(model: Path, smoke: bool) -> dict:
+    report = json.loads((model / "report.json").read_text())
+    if report.get("settings", {}).get("world") != "curved":
+        raise SystemExit(f"{model}: not a curved-world build (dopsd-world make-toy-base --world curved)")
+    gate = report.get("gate")
+    if gate is None and not smoke:
+        raise SystemExit(f"{model}/report.json has no gate: run `dopsd-world gate --out {model}` first")
+    if gate is not None and not gate["passed"] and not smoke:
+        raise SystemExit(f"{model}: the gate failed ({gate['checks']}); change the world or the distillation, "
+                         "not the comparison (benchmarks/world/gate.py)")
+    return gate or {}
+
+
+def write_table(p: CurvedProtocol, results: dict, out: Path, elapsed: float) -> Path:
+    lines = ["# SFT vs D-OPSD on the curved miniature world", "",
+             f"Base: the curved toy turbo ({Path(p.model).name}; gate: "
+             f"{'passed' if results['gate'].get('passed') else 'NOT passed'}). LoRA rank {p.rank}, alpha {p.alpha:g}, "
+             f"{p.steps} steps, batch {p.batch_size}, the same {p.data_count} `[V]` = checkered images and seeds for "
+             f"every method. Learning rates from the sweep: " + ", ".join(
+                 f"{bw.METHODS[m].name} {results['chosen_lr'][m]:g}" for m in METHODS) +
+             f". Seeds {list(p.seeds)}: mean ± std; D-OPSD − SFT paired by seed, 95% t interval. "
+             f"{p.concept_prompts} held-out `[V]` prompts x {p.concept_per_prompt} noise seeds, "
+             f"{p.retention_prompts} old prompts x {p.retention_per_prompt}.", ""]
+    head = "| model | " + " | ".join(label for _, _, label in COLUMNS) + " |"
+    for steps in [n for n in (1, 2, 4) if n in p.budgets] + [p.many_steps]:
+        key = str(steps)
+        lines += [f"## {steps} Euler step{'s' if steps > 1 else ''}", "", head, "|---" * (len(COLUMNS) + 1) + "|"]
+        for ref, name in (("turbo", "turbo (untuned)"), ("pre_distillation", "before step distillation")):
+            r = results["reference"][ref][key]
+            lines.append(f"| {name} | " + " | ".join(bw.fmt(r[s][k]) for s, k, _ in COLUMNS) + " |")
+        for m in METHODS:
+            runs = [r["budgets"][key] for r in results["report"][m]]
+            cells = [bw.fmt((float(np.mean([r[s][k] for r in runs])), float(np.std([r[s][k] for r in runs]))))
+                     for s, k, _ in COLUMNS]
+            lines.append(f"| {bw.METHODS[m].name} | " + " | ".join(cells) + " |")
+        for m in METHODS[1:]:
+            d = results["paired"][m][key]
+            cells = [f"{d[f'{s}.{k}']['mean']:+.3f}" + (f" ± {d[f'{s}.{k}']['half_width']:.3f}"
+                                                        if d[f"{s}.{k}"]["n"] > 1 else "") for s, k, _ in COLUMNS]
+            lines.append(f"| {bw.METHODS[m].name} − SFT | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Learning-rate sweep (seed 0, sweep prompts, 4 steps)", "",
+              "| method | lr | [V] texture acc | old stated acc | selection score |", "|---|---|---|---|---|"]
+    for m in METHODS:
+        for lr, r in results["sweep"][m].items():
+            a, b = r["concept"]["acc_texture"], r["retention"]["acc_mean"]
+            lines.append(f"| {bw.METHODS[m].name} | {lr} | {a:.3f} | {b:.3f} | {a + b:.3f} |")
+    lines += ["", f"Machine: CPU ({platform.machine()}, {os.cpu_count()} cores), torch threads {p.threads}; total "
+              f"{elapsed / 60:.1f} min.", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_budgets(p: CurvedProtocol, results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({*p.budgets, p.many_steps})
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(3.3 * len(COLUMNS), 3.2))
+    for ax, (s, k, label) in zip(axes, COLUMNS):
+        for ref, style in (("turbo", "k--"), ("pre_distillation", "k:")):
+            ax.plot(steps, [results["reference"][ref][str(n)][s][k] for n in steps], style, lw=1, label=ref)
+        for m in METHODS:
+            vals = np.array([[r["budgets"][str(n)][s][k] for n in steps] for r in results["report"][m]])
+            ax.plot(steps, vals.mean(0), marker="o", label=bw.METHODS[m].name)
+            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("Euler steps")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"curved world: quality vs sampling steps after tuning (mean and range over seeds {list(p.seeds)})",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out / "budget_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def grids(scorer: CurvedScorer, p: CurvedProtocol, loras: dict, out: Path) -> None:
+    from dopsd.sampling import sample_batch, save_grid
+
+    models = [("turbo", None), ("before distillation", "pre_distillation")] + [
+        (bw.METHODS[m].name, loras[m]) for m in METHODS]
+    for which in ("concept", "retention"):
+        texts = list(scorer.scorers[which].prompts.texts[:4])
+        many = [t for t in texts for _ in range(4)]
+        for steps in (1, p.few_steps):
+            blocks = [sample_batch(scorer.backend, scorer.transformer(w), many, list(range(4)) * len(texts), steps,
+                                   scorer.size) for _, w in models]
+            save_grid(blocks, len(texts), out / f"grid_{which}_{steps}steps.png")
+            (out / f"grid_{which}_{steps}steps.txt").write_text(
+                "columns: " + " | ".join(n for n, _ in models) + " (4 noise seeds each); rows:\n" + "\n".join(texts) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=CurvedProtocol.model, help="a curved build (default runs/curved-turbo)")
+    ap.add_argument("--out", default=str(bw.REPO / "benchmarks" / "results" / "world_curved"))
+    ap.add_argument("--work", default="", help="where training runs go (default: a temporary directory)")
+    ap.add_argument("--smoke", action="store_true", help="a few steps, one seed, one lr (for tests)")
+    args = ap.parse_args(argv)
+    p = replace(CurvedProtocol(**SMOKE) if args.smoke else CurvedProtocol(), model=args.model)
+    gate = check_gate(Path(p.model), args.smoke)
+
+    import torch
+
+    from dopsd_world.curved import write_curved_concept_folder
+
+    torch.set_num_threads(p.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_curved_"))
+    t0 = time.perf_counter()
+    data = str(write_curved_concept_folder(work / "data", count=p.data_count, seed=p.data_seed))
+    sweep = CurvedScorer(p, p.sweep_world_seeds)
+    report = CurvedScorer(p, p.report_world_seeds)
+    results: dict = {"protocol": asdict(p), "gate": gate, "sweep": {}, "chosen_lr": {}, "report": {},
+                     "reference": {ref: report.budgets(report.transformer(w))
+                                   for ref, w in (("turbo", None), ("pre_distillation", "pre_distillation"))}}
+    for m in METHODS:
+        results["sweep"][m] = {}
+        for lr in p.lrs:
+            run, _ = bw.train(p, m, lr, p.sweep_seed, work, data=data, tag="sweep_")
+            results["sweep"][m][f"{lr:g}"] = sweep.score(sweep.transformer(run / "exports" / "final"), p.few_steps)
+        results["chosen_lr"][m] = max(p.lrs, key=lambda lr: results["sweep"][m][f"{lr:g}"]["concept"]["acc_texture"]
+                                      + results["sweep"][m][f"{lr:g}"]["retention"]["acc_mean"])
+        print(f"sweep {m}: lr {results['chosen_lr'][m]:g}", flush=True)
+    loras = {}
+    for seed in p.seeds:  # every method per seed, interleaved
+        for m in METHODS:
+            run, secs = bw.train(p, m, results["chosen_lr"][m], seed, work, data=data)
+            lora = run / "exports" / "final"
+            loras.setdefault(m, lora)
+            row = {"seed": seed, "train_seconds": secs, "budgets": report.budgets(report.transformer(lora))}
+            results["report"].setdefault(m, []).append(row)
+            shown = str(p.few_steps) if str(p.few_steps) in row["budgets"] else min(row["budgets"], key=int)
+            print(f"{m} seed {seed}: {shown} steps", json.dumps(row["budgets"][shown]), flush=True)
+    results["paired"] = {m: {str(n): {f"{s}.{k}": paired([r["budgets"][str(n)][s][k] for r in results["report"]["sft"]],
+                                                         [r["budgets"][str(n)][s][k] for r in results["report"][m]])
+                                      for s, k, _ in COLUMNS}
+                             for n in sorted({*p.budgets, p.many_steps})} for m in METHODS[1:]}
+    grids(report, p, loras, out)
+    plot_budgets(p, results, out)
+    table = write_table(p, results, out, time.perf_counter() - t0)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return bw.finish(table, work, keep=bool(args.work))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
