@@ -10,7 +10,7 @@ setup(
     # would shadow the PyPI `kernels` package that diffusers imports for hub attention kernels. The
     # miniature world (research code beside the library; dopsd never imports it) lives in benchmarks/world/.
     package_dir={"dopsd_kernels": "kernels", "dopsd_world": "benchmarks/world"},
-    package_data={"dopsd": ["assets/**/*"], "dopsd_world": ["assets/*", "README.md"]},
+    package_data={"dopsd": ["assets/**/*"], "dopsd_world": ["assets/*", "assets/**/*", "README.md"]},
     include_package_data=True,
     install_requires=[
         # torch is pinned in requirements.txt for CPU/CI; a range here keeps GPU users on their own build.

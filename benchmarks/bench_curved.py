@@ -52,12 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_world as bw  # noqa: E402
 from paired import paired  # noqa: E402
 
+from dopsd_world import CURVED_TURBO  # noqa: E402
+
 METHODS = ("sft", "dopsd", "dopsd_vlm")
 
 
 @dataclass(frozen=True)
 class CurvedProtocol(bw.Protocol):
-    model: str = str(bw.REPO / "runs" / "curved-turbo")
+    model: str = str(CURVED_TURBO)
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     budgets: tuple[int, ...] = (1, 2, 4, 8, 32)  # the curve; the table shows 1, 2, 4 and many_steps
     concept_prompts: int = 32
@@ -226,7 +228,7 @@ def grids(scorer: CurvedScorer, p: CurvedProtocol, loras: dict, out: Path) -> No
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=CurvedProtocol.model, help="a curved build (default runs/curved-turbo)")
+    ap.add_argument("--model", default=CurvedProtocol.model, help="a curved build (default the shipped one, dopsd_world.CURVED_TURBO)")
     ap.add_argument("--out", default=str(bw.REPO / "benchmarks" / "results" / "world_curved"))
     ap.add_argument("--work", default="", help="where training runs go (default: a temporary directory)")
     ap.add_argument("--smoke", action="store_true", help="a few steps, one seed, one lr (for tests)")

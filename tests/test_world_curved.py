@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dopsd.data.folder import FolderDataset
-from dopsd_world import (ATTRIBUTES, CONCEPT_TEXTURE, EVALUATOR_WEIGHTS, PLACEHOLDER, Attributes, captions,
+from dopsd_world import (ATTRIBUTES, CONCEPT_TEXTURE, CURVED_TURBO, EVALUATOR_WEIGHTS, PLACEHOLDER, Attributes, captions,
                          parse_caption, sample_world)
 from dopsd_world.curved import (ALWAYS, OpenScorer, curved_concept_samples, open_diversity, prompt_set,
                                 real_samples, sample_curved_world, write_curved_world_folder)
@@ -225,3 +225,17 @@ def test_curved_build_writes_its_gate_and_the_gate_recomputes_from_its_outputs(t
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == (0 if report["gate"]["passed"] else 1), r.stderr[-2000:]
     assert json.loads(r.stdout)["checks"] == report["gate"]["checks"]
+
+
+@pytest.mark.skipif(not (CURVED_TURBO / "report.json").is_file(),
+                    reason="the curved toy turbo is not built yet (benchmarks/world/README.md, 'The curved world')")
+def test_shipped_curved_turbo_passes_its_gate(tmp_path, scorer):
+    """The gate recomputed from the shipped weights, on a small prompt set (8 prompts x 4 seeds)."""
+    import shutil
+
+    shipped = json.loads((CURVED_TURBO / "report.json").read_text())
+    assert shipped["gate"]["passed"], shipped["gate"]
+    shutil.copytree(CURVED_TURBO, tmp_path / "m")  # gate_from_build writes into the build's report.json
+    gate = gate_from_build(tmp_path / "m", scorer.evaluator, eval_prompts=8, eval_seeds=4)
+    assert gate["recomputed"] and gate["passed"], gate
+

@@ -13,3 +13,5 @@ from pathlib import Path as _Path
 
 # The evaluator the world ships (`evaluator.train_evaluator(seed=0)`, trained before any model existed).
 EVALUATOR_WEIGHTS = _Path(__file__).resolve().parent / "assets" / "world_evaluator.safetensors"
+# The curved world's toy turbo, once built and past its gate (`dopsd-world make-toy-base --world curved`; README).
+CURVED_TURBO = _Path(__file__).resolve().parent / "assets" / "curved_turbo"
