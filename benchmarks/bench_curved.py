@@ -195,19 +195,13 @@ def plot_budgets(p: CurvedProtocol, results: dict, out: Path) -> Path:
             ax.plot(steps, [results["reference"][ref][str(n)][s][k] for n in steps], style, lw=1, label=ref)
         for m in METHODS:
             vals = np.array([[r["budgets"][str(n)][s][k] for n in steps] for r in results["report"][m]])
-            ax.plot(steps, vals.mean(0), marker="o", label=bw.METHODS[m].name)
-            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
+            bw.band(ax, steps, vals, bw.METHODS[m].name)
         ax.set_xscale("log", base=2)
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("Euler steps")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"curved world: quality vs sampling steps after tuning (mean and range over seeds {list(p.seeds)})",
-                 fontsize=9)
-    fig.tight_layout()
-    path = out / "budget_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return bw.save_figure(fig, out / "budget_curves.png", "curved world: quality vs sampling steps after tuning "
+                          f"(mean and range over seeds {list(p.seeds)})")
 
 
 def grids(scorer: CurvedScorer, p: CurvedProtocol, loras: dict, out: Path) -> None:

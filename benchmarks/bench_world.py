@@ -260,15 +260,25 @@ def plot(p: Protocol, results: dict, out: Path) -> Path:
             vals = np.array([[r["curve"][s][metric] for s in steps] for r in runs])
             steps = [0] + steps
             vals = np.concatenate([np.full((len(runs), 1), base), vals], axis=1)
-            ax.plot(steps, vals.mean(0), marker="o", label=method.name)
-            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
+            band(ax, steps, vals, method.name)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("training step")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"miniature world, {p.few_steps}-step samples (mean and range over seeds {list(p.seeds)})",
-                 fontsize=10)
+    return save_figure(fig, out / "curves.png", f"miniature world, {p.few_steps}-step samples (mean and range "
+                       f"over seeds {list(p.seeds)})")
+
+
+def band(ax, x, vals, label: str) -> None:
+    """The mean over seeds (rows of `vals`) as a line, their range as a band."""
+    ax.plot(x, vals.mean(0), marker="o", label=label)
+    ax.fill_between(x, vals.min(0), vals.max(0), alpha=0.2)
+
+
+def save_figure(fig, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = out / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
