@@ -23,7 +23,8 @@ Protocol (written before any result of this script was seen):
 - reported: mean ± std per method, and D-OPSD minus SFT per seed (paired) with a 95% t interval; the base
   as the reference row. Nothing is asserted; tests run `--smoke`.
 
-Writes continual.md and continual.json to --out.
+Writes continual.md and continual.json to --out. With --work the runs stay there and every finished score is
+kept in WORK/scores.json: the same command rerun (same protocol and learning rates) continues after it.
 """
 from __future__ import annotations
 
@@ -139,12 +140,28 @@ def main(argv: list[str] | None = None) -> int:
     b_sets = concept_b_sets(p.concept_prompts)
     lrs = chosen_lrs(bw.REPO / "benchmarks" / "results" / "world" / "results.json")
     base = scorer.transformer(None)
+    # with --work, every finished score is kept there: a rerun (same protocol) continues after the last one
+    done_file = work / "scores.json"
+    done = json.loads(done_file.read_text()) if args.work and done_file.is_file() else {}
+    protocol = json.loads(json.dumps({"protocol": asdict(p), "lr": lrs, "concept_b": CONCEPT_B}))
+    if done.get("of") not in (None, protocol):
+        raise SystemExit(f"{done_file}: scores of another protocol or learning rates; use a new --work")
+    done["of"] = protocol
+
+    def keep(key: str, value) -> None:
+        done[key] = value
+        if args.work:
+            done_file.write_text(json.dumps(done, default=str))
+    if "base" not in done:
+        keep("base", {b: score(scorer, base, sets, b_sets, s) for b, s in (("few", p.few_steps),
+                                                                          ("many", p.many_steps))})
     results: dict = {"protocol": asdict(p), "seeds": list(seeds), "lr": lrs, "concept_b": CONCEPT_B,
-                     "base": {b: score(scorer, base, sets, b_sets, s) for b, s in (("few", p.few_steps),
-                                                                                ("many", p.many_steps))},
-                     "runs": {m: [] for m in METHODS}}
+                     "base": done["base"], "runs": {m: [] for m in METHODS}}
     for seed in seeds:  # both methods per seed, interleaved
         for m in METHODS:
+            if f"{m}/{seed}" in done:
+                results["runs"][m].append(done[f"{m}/{seed}"])
+                continue
             run_a, _ = bw.train(p, m, lrs[m], seed, work, tag="a_")
             lora_a = run_a / "exports" / "final"
             run_b, _ = bw.train(p, m, lrs[m], seed, work, data=str(data_b), merge=(lora_a,), tag="b_")
@@ -155,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[stage] = {b: score(scorer, t, sets, b_sets, s) for b, s in (("few", p.few_steps),
                                                                                 ("many", p.many_steps))}
             results["runs"][m].append(row)
+            keep(f"{m}/{seed}", row)
             print(f"{m} seed {seed}:", json.dumps({k: row[k]["few"] for k in ("after_a", "after_b")}), flush=True)
     results["paired"] = {stage: {b: {k: paired([r[stage][b][k] for r in results["runs"]["sft"]],
                                                [r[stage][b][k] for r in results["runs"]["dopsd"]])
