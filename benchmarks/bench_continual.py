@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="", help="where training runs go (default: a temporary directory)")
     ap.add_argument("--model", default=bw.Protocol.model)
     ap.add_argument("--smoke", action="store_true", help="a few steps, one seed (for tests)")
+    ap.add_argument("--threads", type=int, default=bw.Protocol.threads,
+                    help="torch threads (default 2; 1 beside another CPU job: two threads on one free core are "
+                         "several times slower than one)")
     args = ap.parse_args(argv)
-    p = replace(bw.Protocol(**bw.SMOKE) if args.smoke else bw.Protocol(), model=args.model)
+    p = replace(bw.Protocol(**bw.SMOKE) if args.smoke else bw.Protocol(), model=args.model, threads=args.threads)
     seeds = SMOKE_SEEDS if args.smoke else SEEDS
 
     import torch
