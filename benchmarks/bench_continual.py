@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     sets = bw.prompt_sets(p.report_world_seeds, p.concept_prompts, p.retention_prompts)
     b_sets = concept_b_sets(p.concept_prompts)
     lrs = chosen_lrs(bw.REPO / "benchmarks" / "results" / "world" / "results.json")
-    base = scorer.transformer(None)
     # with --work, every finished score is kept there: a rerun (same protocol) continues after the last one
     done_file = work / "scores.json"
     done = json.loads(done_file.read_text()) if args.work and done_file.is_file() else {}
@@ -156,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work:
             done_file.write_text(json.dumps(done, default=str))
     if "base" not in done:
+        base = scorer.transformer(None)
         keep("base", {b: score(scorer, base, sets, b_sets, s) for b, s in (("few", p.few_steps),
                                                                           ("many", p.many_steps))})
     results: dict = {"protocol": asdict(p), "seeds": list(seeds), "lr": lrs, "concept_b": CONCEPT_B,

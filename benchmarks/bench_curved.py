@@ -209,15 +209,21 @@ def grids(scorer: CurvedScorer, p: CurvedProtocol, loras: dict, out: Path) -> No
 
     models = [("turbo", None), ("before distillation", "pre_distillation")] + [
         (bw.METHODS[m].name, loras[m]) for m in METHODS]
-    for which in ("concept", "retention"):
-        texts = list(scorer.scorers[which].prompts.texts[:4])
-        many = [t for t in texts for _ in range(4)]
-        for steps in (1, p.few_steps):
-            blocks = [sample_batch(scorer.backend, scorer.transformer(w), many, list(range(4)) * len(texts), steps,
-                                   scorer.size) for _, w in models]
-            save_grid(blocks, len(texts), out / f"grid_{which}_{steps}steps.png")
-            (out / f"grid_{which}_{steps}steps.txt").write_text(
-                "columns: " + " | ".join(n for n, _ in models) + " (4 noise seeds each); rows:\n" + "\n".join(texts) + "\n")
+    texts = {which: list(scorer.scorers[which].prompts.texts[:4]) for which in ("concept", "retention")}
+    grid_steps = (1, p.few_steps)
+    blocks: dict = {}
+    for _, w in models:  # each model built once, sampled for every grid
+        t = scorer.transformer(w)
+        for which, rows in texts.items():
+            many = [q for q in rows for _ in range(4)]
+            for steps in grid_steps:
+                blocks.setdefault((which, steps), []).append(
+                    sample_batch(scorer.backend, t, many, list(range(4)) * len(rows), steps, scorer.size))
+    for (which, steps), cols in blocks.items():
+        save_grid(cols, len(texts[which]), out / f"grid_{which}_{steps}steps.png")
+        (out / f"grid_{which}_{steps}steps.txt").write_text(
+            "columns: " + " | ".join(n for n, _ in models) + " (4 noise seeds each); rows:\n"
+            + "\n".join(texts[which]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

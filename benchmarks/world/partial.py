@@ -36,10 +36,18 @@ class StageCheckpoint:
     (name -> torch.Generator), `rngs` (name -> random.Random) and `tensors` (extra tensors, e.g. results
     collected so far); `restore` fills them in place and returns the saved position and scalars."""
 
-    def __init__(self, work: Path | None, name: str, every_s: float = 600.0, rank: int = 0):
+    def __init__(self, work: Path | None = None, name: str = "", every_s: float = 600.0):
+        import torch.distributed as dist
+
         self.path = Path(work) / f"{name}.partial.safetensors" if work is not None else None
-        self.every_s, self.rank = every_s, rank
+        self.every_s = every_s
+        self.rank = dist.get_rank() if dist.is_initialized() else 0  # ranks of a data-parallel build agree
         self._last = time.time()
+
+    def resume(self, **loop) -> tuple[int, float | None, float]:
+        """A training loop's restore: its (start step, running loss, seconds spent), (0, None, 0.0) if new."""
+        saved = self.restore(**loop)
+        return (0, None, 0.0) if saved is None else (saved["position"], saved["ema"], saved["seconds"])
 
     def restore(self, modules: dict, opt=None, sched=None, gens: dict | None = None, rngs: dict | None = None,
                 tensors: dict | None = None) -> dict | None:
@@ -79,7 +87,7 @@ class StageCheckpoint:
     def save(self, scalars: dict, modules: dict, opt=None, sched=None, gens: dict | None = None,
              rngs: dict | None = None, tensors: dict | None = None) -> None:
         self._last = time.time()
-        if self.path is None or self.rank != 0:  # ranks of a data-parallel build hold the same state
+        if self.path is None or self.rank != 0:
             return
         from safetensors.torch import save_file
 

@@ -465,15 +465,12 @@ def pretrain(backend, components: dict, pool: Pool, s: ToyBaseSettings, monitor=
     rng = random.Random(s.seed + 2 + 10 * phase)
     transformer.train()
     dev = backend.device
-    t0 = time.time()
     mean, std = latent_moments(components["vae"], pool.images)  # the VAE is frozen: encode once, sample per step
-    ema, start, elapsed = None, 0, 0.0
-    ckpt = ckpt or StageCheckpoint(None, "")
+    ckpt = ckpt or StageCheckpoint()
     loop = dict(modules={"transformer": transformer, "text_encoder": components["text_encoder"],
                          "visual": vl.model.visual, **({"head": head} if head is not None else {})},
                 opt=opt, sched=sched, gens={"noise": gen}, rngs={"draw": rng})
-    if (saved := ckpt.restore(**loop)) is not None:
-        start, ema, elapsed = saved["position"], saved["ema"], saved["seconds"]
+    start, ema, elapsed = ckpt.resume(**loop)
     t0 = time.time() - elapsed
     mine = _local(s.batch)
     for step in range(start, s.pretrain_steps):
@@ -532,7 +529,7 @@ def make_trajectories(backend, pool: Pool, s: ToyBaseSettings, ckpt: StageCheckp
     rank, world = _rank_world()
     # chunk c is integrated by rank c % world; the others leave zeros there, and a sum gathers them all
     states = (torch.empty if world == 1 else torch.zeros)((s.trajectories, s.turbo_steps + 1) + tuple(shape[1:]))
-    ckpt = ckpt if ckpt is not None and world == 1 else StageCheckpoint(None, "")
+    ckpt = ckpt if ckpt is not None and world == 1 else StageCheckpoint()
     first, kept = 0, {"states": states}
     if (saved := ckpt.restore({}, tensors=kept)) is not None:
         first, states = saved["position"], kept["states"]
@@ -564,11 +561,9 @@ def distill(backend, trajectories: dict, pool: Pool, s: ToyBaseSettings, ckpt: S
     gen = torch.Generator().manual_seed(s.seed + 4)
     states, n = trajectories["states"], s.trajectories
     transformer.train()
-    ema, start, elapsed = None, 0, 0.0
-    ckpt = ckpt or StageCheckpoint(None, "")
+    ckpt = ckpt or StageCheckpoint()
     loop = dict(modules={"transformer": transformer}, opt=opt, sched=sched, gens={"pick": gen})
-    if (saved := ckpt.restore(**loop)) is not None:
-        start, ema, elapsed = saved["position"], saved["ema"], saved["seconds"]
+    start, ema, elapsed = ckpt.resume(**loop)
     t0 = time.time() - elapsed
     mine = _local(s.batch)
     for step in range(start, s.distill_steps):
@@ -697,7 +692,7 @@ def _cached_stage(work: Path | None, stage: str, s: ToyBaseSettings, c: dict, ru
             c["vae"].register_to_config(**info.pop("vae_config"))
         log.info("%s: loaded from %s", stage, path)
         return {**info, "cached": True}
-    ckpt = StageCheckpoint(work, key, every_s, rank=_rank_world()[0])
+    ckpt = StageCheckpoint(work, key, every_s)
     info = asdict(run(ckpt))
     if path is not None and _rank_world()[0] == 0:
         work.mkdir(parents=True, exist_ok=True)
@@ -743,7 +738,7 @@ def _cached_trajectories(work: Path | None, backend, pool: Pool, s: ToyBaseSetti
             text = json.loads(f.metadata()["text"])
             log.info("trajectories: loaded from %s", path)
             return {"idx": f.get_tensor("idx"), "states": f.get_tensor("states"), **text}
-    ckpt = StageCheckpoint(work, key, every_s, rank=_rank_world()[0])
+    ckpt = StageCheckpoint(work, key, every_s)
     traj = make_trajectories(backend, pool, s, ckpt)
     if path is not None and _rank_world()[0] == 0:
         save_file({"idx": traj["idx"].contiguous(), "states": traj["states"].contiguous()}, str(path),
@@ -823,7 +818,7 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
         t0 = time.time()
         traj = _cached_trajectories(work, backend, pool, s, every)
         report["stages"]["trajectories"] = {"seconds": time.time() - t0}
-        distilling = StageCheckpoint(work, _stage_key("distill", s), every, rank=_rank_world()[0])
+        distilling = StageCheckpoint(work, _stage_key("distill", s), every)
         report["stages"]["distill"] = asdict(distill(backend, traj, pool, s, distilling))
         if evaluator is not None:
             report["turbo_4_steps"] = score(s.turbo_steps)
