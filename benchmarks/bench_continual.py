@@ -143,40 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     b_sets = concept_b_sets(p.concept_prompts)
     lrs = chosen_lrs(bw.REPO / "benchmarks" / "results" / "world" / "results.json")
     # with --work, every finished score is kept there: a rerun (same protocol) continues after the last one
-    done_file = work / "scores.json"
-    done = json.loads(done_file.read_text()) if args.work and done_file.is_file() else {}
-    protocol = json.loads(json.dumps({"protocol": asdict(p), "lr": lrs, "concept_b": CONCEPT_B}))
-    if done.get("of") not in (None, protocol):
-        raise SystemExit(f"{done_file}: scores of another protocol or learning rates; use a new --work")
-    done["of"] = protocol
-
-    def keep(key: str, value) -> None:
-        done[key] = value
-        if args.work:
-            done_file.write_text(json.dumps(done, default=str))
-    if "base" not in done:
-        base = scorer.transformer(None)
-        keep("base", {b: score(scorer, base, sets, b_sets, s) for b, s in (("few", p.few_steps),
-                                                                          ("many", p.many_steps))})
+    kept = bw.Kept(work / "scores.json" if args.work else None,
+                   {"protocol": asdict(p), "lr": lrs, "concept_b": CONCEPT_B})
+    base = kept.get("base", lambda: {b: score(scorer, scorer.transformer(None), sets, b_sets, s)
+                                     for b, s in (("few", p.few_steps), ("many", p.many_steps))})
     results: dict = {"protocol": asdict(p), "seeds": list(seeds), "lr": lrs, "concept_b": CONCEPT_B,
-                     "base": done["base"], "runs": {m: [] for m in METHODS}}
+                     "base": base, "runs": {m: [] for m in METHODS}}
+
+    def run_chain(m: str, seed: int) -> dict:
+        run_a, _ = bw.train(p, m, lrs[m], seed, work, tag="a_")
+        lora_a = run_a / "exports" / "final"
+        run_b, _ = bw.train(p, m, lrs[m], seed, work, data=str(data_b), merge=(lora_a,), tag="b_")
+        lora_b = run_b / "exports" / "final"
+        row = {"seed": seed}
+        for stage, loras in (("after_a", [lora_a]), ("after_b", [lora_a, lora_b])):
+            t = chain(scorer, loras)
+            row[stage] = {b: score(scorer, t, sets, b_sets, s) for b, s in (("few", p.few_steps),
+                                                                            ("many", p.many_steps))}
+        print(f"{m} seed {seed}:", json.dumps({k: row[k]["few"] for k in ("after_a", "after_b")}), flush=True)
+        return row
+
     for seed in seeds:  # both methods per seed, interleaved
         for m in METHODS:
-            if f"{m}/{seed}" in done:
-                results["runs"][m].append(done[f"{m}/{seed}"])
-                continue
-            run_a, _ = bw.train(p, m, lrs[m], seed, work, tag="a_")
-            lora_a = run_a / "exports" / "final"
-            run_b, _ = bw.train(p, m, lrs[m], seed, work, data=str(data_b), merge=(lora_a,), tag="b_")
-            lora_b = run_b / "exports" / "final"
-            row = {"seed": seed}
-            for stage, loras in (("after_a", [lora_a]), ("after_b", [lora_a, lora_b])):
-                t = chain(scorer, loras)
-                row[stage] = {b: score(scorer, t, sets, b_sets, s) for b, s in (("few", p.few_steps),
-                                                                                ("many", p.many_steps))}
-            results["runs"][m].append(row)
-            keep(f"{m}/{seed}", row)
-            print(f"{m} seed {seed}:", json.dumps({k: row[k]["few"] for k in ("after_a", "after_b")}), flush=True)
+            results["runs"][m].append(kept.get(f"{m}/{seed}", lambda: run_chain(m, seed)))
     results["paired"] = {stage: {b: {k: paired([r[stage][b][k] for r in results["runs"]["sft"]],
                                                [r[stage][b][k] for r in results["runs"]["dopsd"]])
                                      for k, _ in COLUMNS} for b in ("few", "many")}

@@ -31,8 +31,14 @@ Protocol (written before any curved-world result existed, before the curved turb
 - reported: mean ± std per method, D-OPSD minus SFT per seed (paired) with a 95% t interval; the step-budget
   curve (each metric vs 1, 2, 4, 8, 32 steps) per method and reference; grids at 1 and 4 steps.
   Nothing is asserted; tests run `--smoke` on a tiny curved build.
+- diagnostic (added before any curved result, to answer "is the teacher sharp at the turbo's budget on the
+  student's states?" whichever method wins): along the untuned turbo's own 4-step roll-outs for the report
+  `[V]` prompts, the clean image each role predicts at every state (x - sigma * v, decoded): the student's
+  (text only) and the teacher's (text + a real image of the prompt, each route) -- what D-OPSD pulls the
+  student towards -- scored like samples; plus the teacher's own 4-step samples.
 
-Writes results.md, results.json, budget_curves.png and grid_*.png/.txt to --out.
+Writes results.md, results.json, budget_curves.png and grid_*.png/.txt to --out. With --work every finished
+score is kept in WORK/scores.json (`bench_world.Kept`): the same command rerun continues after it.
 """
 from __future__ import annotations
 
@@ -128,6 +134,51 @@ class CurvedScorer:
         return {str(n): self.score(transformer, n) for n in sorted({*self.p.budgets, self.p.many_steps})}
 
 
+ROUTES = ("reference", "vlm")
+
+
+def teacher_on_student_states(scorer: CurvedScorer, steps: int) -> dict:
+    """The diagnostic of the module docstring, on the report `[V]` prompts."""
+    import torch
+
+    from dopsd.sampling import sample_batch, seeded_noise
+    from dopsd.schedule import euler_step, x0_from_velocity
+    from dopsd_world.toybase import _to_float, teacher_route
+
+    b, sc = scorer.backend, scorer.scorers["concept"]
+    t = scorer.transformer(None)
+    texts, seeds = sc.texts(), sc.seeds()
+    images = _to_float(sc.real_images(seed=2))  # the teacher's target: a real image of the prompt, one per sample
+    shape = b.latent_shape(1, scorer.size, scorer.size)
+    sigmas = b.sigmas(steps, shape)
+
+    def scored(latents) -> dict:
+        return {k: float(v) for k, v in sc.score(b.decode_latents(latents).cpu()).items()}
+
+    out: dict = {"states": []}
+    with torch.no_grad():
+        x = torch.cat([seeded_noise(shape, s) for s in seeds]).to(b.device)
+        student = b.encode_student(texts)
+        teachers = {}
+        for route in ROUTES:
+            with teacher_route(b, route):
+                teachers[route] = b.encode_teacher(texts, images)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            v = b.velocity(t, x, s, student).float()
+            row = {"sigma": float(s), "student": scored(x0_from_velocity(x, v, s))}
+            for route, ctx in teachers.items():
+                row[f"teacher_{route}"] = scored(x0_from_velocity(x, b.velocity(t, x, s, ctx).float(), s))
+            out["states"].append(row)
+            x = euler_step(x, v, s, s_next)
+    out["samples"] = {"student": {k: float(v) for k, v in sc.score(sample_batch(b, t, texts, seeds, steps,
+                                                                            scorer.size)).items()}}
+    for route in ROUTES:
+        with teacher_route(b, route):
+            samples = sample_batch(b, t, texts, seeds, steps, scorer.size, images=images)
+        out["samples"][f"teacher_{route}"] = {k: float(v) for k, v in sc.score(samples).items()}
+    return out
+
+
 def check_gate(model: Path, smoke: bool) -> dict:
     report = json.loads((model / "report.json").read_text())
     if report.get("settings", {}).get("world") != "curved":
@@ -169,7 +220,20 @@ def write_table(p: CurvedProtocol, results: dict, out: Path, elapsed: float) -> 
                                                         if d[f"{s}.{k}"]["n"] > 1 else "") for s, k, _ in COLUMNS]
             lines.append(f"| {bw.METHODS[m].name} − SFT | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Learning-rate sweep (seed 0, sweep prompts, 4 steps)", "",
+    diag = results["teacher"]
+    cols = [("acc_texture", "[V] texture acc"), ("acc_mean", "stated acc"), ("sharpness_ratio", "sharpness ratio"),
+            ("fd", "Fréchet")]
+    lines += [f"## Diagnostic: the teacher on the student's states (untuned turbo, report [V] prompts, "
+              f"{p.few_steps}-step roll-outs)", "",
+              "Clean image predicted at each state of the student's own roll-out (x − σ·v, decoded); the "
+              "teacher sees the prompt and a real image of it. Last rows: each role's own samples.", "",
+              "| state σ | role | " + " | ".join(c for _, c in cols) + " |", "|---|---" + "|---" * len(cols) + "|"]
+    for row in diag["states"]:
+        for role in ("student", *(f"teacher_{r}" for r in ROUTES)):
+            lines.append(f"| {row['sigma']:.3f} | {role} | " + " | ".join(bw.fmt(row[role][k]) for k, _ in cols) + " |")
+    for role, r in diag["samples"].items():
+        lines.append(f"| samples | {role} | " + " | ".join(bw.fmt(r[k]) for k, _ in cols) + " |")
+    lines += ["", "## Learning-rate sweep (seed 0, sweep prompts, 4 steps)", "",
               "| method | lr | [V] texture acc | old stated acc | selection score |", "|---|---|---|---|---|"]
     for m in METHODS:
         for lr, r in results["sweep"][m].items():
@@ -232,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(bw.REPO / "benchmarks" / "results" / "world_curved"))
     ap.add_argument("--work", default="", help="where training runs go (default: a temporary directory)")
     ap.add_argument("--smoke", action="store_true", help="a few steps, one seed, one lr (for tests)")
+    ap.add_argument("--threads", type=int, default=CurvedProtocol.threads,
+                    help="torch threads (default 2; 1 beside another CPU job)")
     args = ap.parse_args(argv)
-    p = replace(CurvedProtocol(**SMOKE) if args.smoke else CurvedProtocol(), model=args.model)
+    p = replace(CurvedProtocol(**SMOKE) if args.smoke else CurvedProtocol(), model=args.model, threads=args.threads)
     gate = check_gate(Path(p.model), args.smoke)
 
     import torch
@@ -246,29 +312,36 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_curved_"))
     t0 = time.perf_counter()
     data = str(write_curved_concept_folder(work / "data", count=p.data_count, seed=p.data_seed))
+    # with --work every finished score is kept there; threads change float summation order only
+    kept = bw.Kept(work / "scores.json" if args.work else None,
+                   {k: v for k, v in asdict(p).items() if k != "threads"})
     sweep = CurvedScorer(p, p.sweep_world_seeds)
     report = CurvedScorer(p, p.report_world_seeds)
     results: dict = {"protocol": asdict(p), "gate": gate, "sweep": {}, "chosen_lr": {}, "report": {},
-                     "reference": {ref: report.budgets(report.transformer(w))
-                                   for ref, w in (("turbo", None), ("pre_distillation", "pre_distillation"))}}
+                     "reference": {ref: kept.get(f"reference/{ref}", lambda: report.budgets(report.transformer(w)))
+                                   for ref, w in (("turbo", None), ("pre_distillation", "pre_distillation"))},
+                     "teacher": kept.get("teacher", lambda: teacher_on_student_states(report, p.few_steps))}
+
+    def sweep_run(m: str, lr: float) -> dict:
+        run, _ = bw.train(p, m, lr, p.sweep_seed, work, data=data, tag="sweep_")
+        return sweep.score(sweep.transformer(run / "exports" / "final"), p.few_steps)
+
+    def report_run(m: str, seed: int) -> dict:
+        run, secs = bw.train(p, m, results["chosen_lr"][m], seed, work, data=data)
+        row = {"seed": seed, "train_seconds": secs, "budgets": report.budgets(report.transformer(run / "exports" / "final"))}
+        shown = str(p.few_steps) if str(p.few_steps) in row["budgets"] else min(row["budgets"], key=int)
+        print(f"{m} seed {seed}: {shown} steps", json.dumps(row["budgets"][shown]), flush=True)
+        return row
+
     for m in METHODS:
-        results["sweep"][m] = {}
-        for lr in p.lrs:
-            run, _ = bw.train(p, m, lr, p.sweep_seed, work, data=data, tag="sweep_")
-            results["sweep"][m][f"{lr:g}"] = sweep.score(sweep.transformer(run / "exports" / "final"), p.few_steps)
+        results["sweep"][m] = {f"{lr:g}": kept.get(f"sweep/{m}/{lr:g}", lambda: sweep_run(m, lr)) for lr in p.lrs}
         results["chosen_lr"][m] = max(p.lrs, key=lambda lr: results["sweep"][m][f"{lr:g}"]["concept"]["acc_texture"]
                                       + results["sweep"][m][f"{lr:g}"]["retention"]["acc_mean"])
         print(f"sweep {m}: lr {results['chosen_lr'][m]:g}", flush=True)
-    loras = {}
     for seed in p.seeds:  # every method per seed, interleaved
         for m in METHODS:
-            run, secs = bw.train(p, m, results["chosen_lr"][m], seed, work, data=data)
-            lora = run / "exports" / "final"
-            loras.setdefault(m, lora)
-            row = {"seed": seed, "train_seconds": secs, "budgets": report.budgets(report.transformer(lora))}
-            results["report"].setdefault(m, []).append(row)
-            shown = str(p.few_steps) if str(p.few_steps) in row["budgets"] else min(row["budgets"], key=int)
-            print(f"{m} seed {seed}: {shown} steps", json.dumps(row["budgets"][shown]), flush=True)
+            results["report"].setdefault(m, []).append(kept.get(f"report/{m}/{seed}", lambda: report_run(m, seed)))
+    loras = {m: bw.run_path(work, m, results["chosen_lr"][m], p.seeds[0]) / "exports" / "final" for m in METHODS}
     results["paired"] = {m: {str(n): {f"{s}.{k}": paired([r["budgets"][str(n)][s][k] for r in results["report"]["sft"]],
                                                          [r["budgets"][str(n)][s][k] for r in results["report"][m]])
                                       for s, k, _ in COLUMNS}

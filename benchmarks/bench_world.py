@@ -141,6 +141,38 @@ class Scorer:
                 "retention_acc": old["acc_mean"], "fd": old["fd"], "sharpness": old["sharpness_ratio"]}
 
 
+class Kept:
+    """Finished results of a long benchmark, kept in one JSON file (WORK/scores.json) so that the same command
+    rerun continues after the last one instead of starting again (the full curved and continual runs take
+    longer than a working session). `of` names what the results belong to: a file kept for another protocol
+    is refused rather than mixed in. Without a file the results are kept in memory only."""
+
+    def __init__(self, path: Path | None, of: dict):
+        self.path = path
+        self.done = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        of = json.loads(json.dumps(of, default=str))
+        if self.done.get("of") not in (None, of):
+            raise SystemExit(f"{path}: results of another protocol or learning rates; use a new --work")
+        self.done["of"] = of
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.done
+
+    def get(self, key: str, compute):
+        """The kept result under `key`, or compute() kept (as JSON: tuples become lists, keys strings)."""
+        if key not in self.done:
+            self.done[key] = json.loads(json.dumps(compute(), default=str))
+            if self.path is not None:
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.done))
+                tmp.replace(self.path)  # a kill mid-write leaves the previous file whole
+        return self.done[key]
+
+
+def run_path(out: Path, method: str, lr: float, seed: int, tag: str = "") -> Path:
+    return out / f"{tag}{method}_lr{lr:g}_seed{seed}"
+
+
 def train(p: Protocol, method: str, lr: float, seed: int, out: Path, data: str | None = None,
           merge: tuple[str, ...] = (), tag: str = "") -> tuple[Path, float]:
     """One tuning run as a user runs it; `data` (default p.data) and `merge` (model.merge_loras: continual
@@ -148,7 +180,7 @@ def train(p: Protocol, method: str, lr: float, seed: int, out: Path, data: str |
     from dopsd.config import from_dict
     from dopsd.trainer import Trainer
 
-    run_dir = out / f"{tag}{method}_lr{lr:g}_seed{seed}"
+    run_dir = run_path(out, method, lr, seed, tag)
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = from_dict({
         "model": {"backend": "zimage", "path": p.model, "teacher_min_pixels": 4096, "teacher_max_pixels": 4096,

@@ -50,6 +50,33 @@ def test_curved_verdict_smoke_run_writes_its_table(tmp_path, tiny_curved):
     # both methods trained on the curved-style concept data: captions with [V] and only some attributes
     caps = [p.read_text() for p in (tmp_path / "work" / "data").glob("*.txt")]
     assert len(caps) == 6 and all("[V]" in c for c in caps)
+    # the diagnostic: one row per roll-out state (4 steps: sigmas 1 > ... > 0) for the student and each route
+    states = res["teacher"]["states"]
+    assert len(states) == 4 and states[0]["sigma"] > states[-1]["sigma"] > 0.0
+    assert set(states[0]) == {"sigma", "student", "teacher_reference", "teacher_vlm"}
+    assert states[0]["student"] != states[0]["teacher_reference"]  # the image context changes the prediction
+    assert "| samples | teacher_vlm |" in table
+    # a rerun with the same --work continues after the last kept score: nothing is trained or scored again
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*/train.log")}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_curved.py"), "--smoke", "--model",
+                        str(tiny_curved), "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*/train.log")} == logs and len(logs) == 6
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["report"] == res["report"] and again["teacher"] == res["teacher"]
+
+
+def test_kept_results_refuse_another_protocol(tmp_path):
+    import bench_world as bw
+
+    calls = []
+    kept = bw.Kept(tmp_path / "scores.json", {"lr": (1e-3,)})
+    assert kept.get("a", lambda: calls.append(1) or {"x": (1, 2)}) == {"x": [1, 2]}  # kept as JSON
+    assert bw.Kept(tmp_path / "scores.json", {"lr": [1e-3]}).get("a", lambda: calls.append(2)) == {"x": [1, 2]}
+    assert calls == [1]
+    with pytest.raises(SystemExit, match="another protocol"):
+        bw.Kept(tmp_path / "scores.json", {"lr": [3e-3]})
 
 
 def test_a_build_whose_gate_failed_is_refused(tmp_path, tiny_curved):

@@ -29,6 +29,7 @@ Why each stage is there, timings on CPU and GPU, and what was tried and did not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -605,17 +606,24 @@ def evaluate(backend, evaluator, s: ToyBaseSettings, num_steps: int, with_image:
     return {k: round(float(v), 4) for k, v in scores.items()}
 
 
-def teacher_samples(backend, prompts: list[str], images: torch.Tensor, route: str, num_steps: int,
-                    size: int) -> torch.Tensor:
-    """Teacher-context samples (prompt + image, noise seed i for sample i) through `route` ("vlm" or
-    "reference"), whichever route the backend is configured with."""
+@contextlib.contextmanager
+def teacher_route(backend, route: str):
+    """The backend's teacher context through `route` ("vlm" or "reference") inside the block, whichever route
+    it is configured with."""
     configured = backend.teacher_context
     backend.teacher_context = route
     try:
-        return sample(backend, backend.transformer, prompts, list(range(len(prompts))), num_steps, size,
-                      images=images)
+        yield backend
     finally:
         backend.teacher_context = configured
+
+
+def teacher_samples(backend, prompts: list[str], images: torch.Tensor, route: str, num_steps: int,
+                    size: int) -> torch.Tensor:
+    """Teacher-context samples (prompt + image, noise seed i for sample i) through `route`."""
+    with teacher_route(backend, route):
+        return sample(backend, backend.transformer, prompts, list(range(len(prompts))), num_steps, size,
+                      images=images)
 
 
 def in_context(backend, evaluator, s: ToyBaseSettings, count: int = 64) -> dict:
