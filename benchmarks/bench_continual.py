@@ -87,7 +87,7 @@ COLUMNS = [("a_texture", "A: texture acc ↑"), ("b_texture", "B: texture acc �
            ("sharpness", "old prompts: sharpness ratio (1 = real)")]
 
 
-def write_table(p, results: dict, out: Path, elapsed: float) -> Path:
+def write_table(p, results: dict, out: Path) -> Path:
     lines = ["# Continual tuning on the miniature world: A ([V] = checkered), then B ([W] = dotted) from A", "",
              f"Base: {Path(p.model).name}. Each concept: {p.steps} steps, batch {p.batch_size}, LoRA rank {p.rank}; "
              f"B trains with A's LoRA merged into the base (`model.merge_loras`). Learning rates (bench_world's "
@@ -108,7 +108,7 @@ def write_table(p, results: dict, out: Path, elapsed: float) -> Path:
                      for d in (diffs[k] for k, _ in COLUMNS)]
             lines.append(f"| D-OPSD − SFT | {stage.replace('_', ' ')} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"Total {elapsed / 60:.1f} min on CPU.", ""]
+    lines += [f"CPU, torch threads {p.threads}; {results['wall_time']}.", ""]
     path = out / "continual.md"
     path.write_text("\n".join(lines))
     return path
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                                [r[stage][b][k] for r in results["runs"]["dopsd"]])
                                      for k, _ in COLUMNS} for b in ("few", "many")}
                          for stage in ("after_a", "after_b")}
-    table = write_table(p, results, out, time.perf_counter() - t0)
+    results["wall_time"] = kept.wall_time(time.perf_counter() - t0)
+    table = write_table(p, results, out)
     (out / "continual.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     return bw.finish(table, work, keep=bool(args.work))
 

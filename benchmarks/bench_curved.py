@@ -192,7 +192,7 @@ def check_gate(model: Path, smoke: bool) -> dict:
     return gate or {}
 
 
-def write_table(p: CurvedProtocol, results: dict, out: Path, elapsed: float) -> Path:
+def write_table(p: CurvedProtocol, results: dict, out: Path) -> Path:
     lines = ["# SFT vs D-OPSD on the curved miniature world", "",
              f"Base: the curved toy turbo ({Path(p.model).name}; gate: "
              f"{'passed' if results['gate'].get('passed') else 'NOT passed'}). LoRA rank {p.rank}, alpha {p.alpha:g}, "
@@ -239,8 +239,8 @@ def write_table(p: CurvedProtocol, results: dict, out: Path, elapsed: float) -> 
         for lr, r in results["sweep"][m].items():
             a, b = r["concept"]["acc_texture"], r["retention"]["acc_mean"]
             lines.append(f"| {bw.METHODS[m].name} | {lr} | {a:.3f} | {b:.3f} | {a + b:.3f} |")
-    lines += ["", f"Machine: CPU ({platform.machine()}, {os.cpu_count()} cores), torch threads {p.threads}; total "
-              f"{elapsed / 60:.1f} min.", ""]
+    lines += ["", f"Machine: CPU ({platform.machine()}, {os.cpu_count()} cores), torch threads {p.threads}; "
+              f"{results['wall_time']}.", ""]
     path = out / "results.md"
     path.write_text("\n".join(lines))
     return path
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                              for n in sorted({*p.budgets, p.many_steps})} for m in METHODS[1:]}
     grids(report, p, loras, out)
     plot_budgets(p, results, out)
-    table = write_table(p, results, out, time.perf_counter() - t0)
+    results["wall_time"] = kept.wall_time(time.perf_counter() - t0)
+    table = write_table(p, results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     return bw.finish(table, work, keep=bool(args.work))
 

@@ -154,6 +154,12 @@ class Kept:
         if self.done.get("of") not in (None, of):
             raise SystemExit(f"{path}: results of another protocol or learning rates; use a new --work")
         self.done["of"] = of
+        self.resumed = len(self.done) - 1  # results kept by earlier invocations
+
+    def wall_time(self, seconds: float) -> str:
+        """How long this invocation took, and that earlier ones did the rest when it resumed."""
+        return f"this invocation {seconds / 60:.1f} min" + (
+            f" (it resumed {self.resumed} results kept in --work by earlier ones)" if self.resumed else "")
 
     def __contains__(self, key: str) -> bool:
         return key in self.done
