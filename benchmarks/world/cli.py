@@ -2,6 +2,7 @@
 
     dopsd-world make-toy-base --out DIR [--world base|curved] [--work CACHE] [--evaluator FILE] [--set KEY=VALUE ...]
     dopsd-world gate --out DIR [--evaluator FILE [--pre-distillation FILE] [--prompts N] [--seeds N]]
+    dopsd-world probe --evaluator FILE --steps N [--world base|curved] [--work CACHE] [--out FILE.json] [--set ...]
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0 if gate["passed"] else 1
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .toybase import add_arguments
 
@@ -49,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", type=int, help="recompute on this many prompts (default: the build's eval_prompts)")
     g.add_argument("--seeds", type=int, help="... with this many noise seeds each (default: eval_seeds)")
     g.set_defaults(func=cmd_gate)
+    q = sub.add_parser("probe", help="short pretraining on a world's captions, then the accuracy of each stated "
+                                     "attribute at 32 steps (dopsd_world/probe.py): check a world before a build")
+    q.add_argument("--evaluator", required=True, help="world evaluator safetensors")
+    q.add_argument("--steps", type=int, default=500, help="pretraining steps (default 500)")
+    q.add_argument("--world", choices=("base", "curved"), default="curved")
+    q.add_argument("--work", help="a build's stage cache: its VAE is reused when the settings match")
+    q.add_argument("--out", help="write the result here (JSON)")
+    q.add_argument("--count", type=int, default=64, help="prompts per kind (default 64)")
+    q.add_argument("--sample-steps", type=int, default=32, help="Euler steps of the samples (default 32)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a settings field")
+    q.set_defaults(func=cmd_probe)
     return parser
 
 

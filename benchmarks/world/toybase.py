@@ -761,11 +761,34 @@ def _move(components: dict, device: str) -> None:
             module.to(device)
 
 
+def components_and_pool(s: ToyBaseSettings) -> tuple[dict, Pool]:
+    """The untrained toy components (random init from the torch seed set by the caller) and the training pool."""
+    from dopsd.models.zimage_tiny import build_tiny_components
+
+    c = build_tiny_components(
+        s.seed, dit_dim=s.dit_dim, dit_layers=s.dit_layers, text_hidden=s.text_hidden,
+        vae_channels=s.vae_channels, vae_groups=s.vae_groups, latent_channels=s.latent_channels,
+        teacher_patch=s.teacher_patch, vision_hidden=s.vision_hidden, shift=s.shift,
+        tokenizer_corpus=world_corpus())
+    return c, make_pool(s)
+
+
+def prepared_vae(work: Path | None, s: ToyBaseSettings, c: dict, pool: Pool) -> dict:
+    """Stage 1 (or its cached result): the VAE trained, frozen, deterministic, and every component on the
+    stage 2-3 device."""
+    c["vae"].requires_grad_(True)
+    info = _cached_stage(work, "vae", s, c, lambda _: train_vae(c["vae"], pool.images, s))
+    c["vae"].eval().requires_grad_(False)
+    make_deterministic(c["vae"])
+    _move(c, s.device)
+    return info
+
+
 def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettings(), evaluator=None,
                   work: str | Path | None = None, checkpoint_every_s: float = 600.0) -> dict:
     """Build the toy turbo into `out_dir`. With `work`, finished stages are cached there and a long stage saves
     its loop state every `checkpoint_every_s` seconds, so a killed build resumes where it stopped."""
-    from dopsd.models.zimage_tiny import build_tiny_components, save_zimage_dir
+    from dopsd.models.zimage_tiny import save_zimage_dir
 
     s = settings
     work = Path(work) if work else None
@@ -782,19 +805,9 @@ def make_toy_base(out_dir: str | Path, settings: ToyBaseSettings = ToyBaseSettin
     t_start = time.time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
-        c = build_tiny_components(
-            s.seed, dit_dim=s.dit_dim, dit_layers=s.dit_layers, text_hidden=s.text_hidden,
-            vae_channels=s.vae_channels, vae_groups=s.vae_groups, latent_channels=s.latent_channels,
-            teacher_patch=s.teacher_patch, vision_hidden=s.vision_hidden, shift=s.shift,
-            tokenizer_corpus=world_corpus())
-        pool = make_pool(s)
+        c, pool = components_and_pool(s)
         report: dict = {"settings": asdict(s), "stages": {}}
-
-        c["vae"].requires_grad_(True)
-        report["stages"]["vae"] = _cached_stage(work, "vae", s, c, lambda _: train_vae(c["vae"], pool.images, s))
-        c["vae"].eval().requires_grad_(False)
-        make_deterministic(c["vae"])
-        _move(c, s.device)
+        report["stages"]["vae"] = prepared_vae(work, s, c, pool)
         backend = build_backend(c, s, trainable=True)
         monitor = (lambda: in_context(backend, evaluator, s, count=32)) if evaluator is not None else None
         every = checkpoint_every_s
@@ -872,7 +885,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "some open (CurvedToyBaseSettings, gated by CURVED_GATE)")
 
 
-def run(args: argparse.Namespace) -> int:
+def settings_from_args(args: argparse.Namespace) -> ToyBaseSettings:
+    """--world's settings class with every --set KEY=VALUE applied."""
     overrides = {}
     cls = WORLDS[getattr(args, "world", "base")]
     for item in args.set or []:
@@ -881,11 +895,15 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--set {key}: not a {cls.__name__} field")
         default = getattr(cls, key)
         overrides[key] = tuple(int(v) for v in value.split(",")) if isinstance(default, tuple) else type(default)(value)
+    return cls(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
     evaluator = None
     if args.evaluator:
         from .evaluator import load_evaluator
         evaluator = load_evaluator(args.evaluator)
-    report = make_toy_base(args.out, cls(**overrides), evaluator, work=args.work,
+    report = make_toy_base(args.out, settings_from_args(args), evaluator, work=args.work,
                            checkpoint_every_s=getattr(args, "checkpoint_every", 600.0))
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=2))
     return 0

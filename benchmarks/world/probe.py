@@ -1,0 +1,75 @@
+"""Text-binding probe (`dopsd-world probe`): does a short pretraining on a world's captions teach the DiT to
+draw each attribute a caption states?
+
+Why it exists: the curved build's model before step distillation (4000 + 2000 pretraining steps) was found
+to ignore two of the words its captions state, at 32 Euler steps: shape 0.29 and position 0.17 accuracy
+where stated (chance: 0.25 and 0.2), while colour (0.99), background (0.96) and size (0.83) are followed;
+real images score 0.95-1.0. The same recipe on the base world's captions (all six stated) learns position
+within 500 steps. A full build takes 7-8 h of CPU; this probe trains only stage 2 for `--steps` steps (the
+VAE from --work's cache when the settings match, else trained) and samples text-only prompts of four kinds
+from held-out world attributes: the world's own caption style (`world_captions`), all six stated, shape +
+colour + position, and shape + colour. It writes, per kind, the evaluator's accuracy on each stated
+attribute, so that a changed world can be checked in minutes before a build is spent on it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .generator import captions, sample_world
+
+KINDS = {"all": None, "shape_color_position": ("shape", "color", "position"), "shape_color": ("shape", "color")}
+
+
+def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int = 64,
+          sample_steps: int = 32) -> dict:
+    from dopsd.sampling import sample_batch
+
+    from .curved import sample_curved_world
+    from .toybase import _extra, build_backend, components_and_pool, prepared_vae, pretrain
+
+    s = replace(s, pretrain_steps=steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    t0 = time.time()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            c, pool = components_and_pool(s)
+            prepared_vae(Path(work) if work else None, s, c, pool)
+            stage = pretrain(build_backend(c, s, trainable=True), c, pool, s)
+            backend = build_backend(c, s, trainable=False)
+            backend.transformer.eval()
+            _, attrs = sample_world(count, seed=20_000, size=s.size)  # a seed no stage trains on
+            stated = {kind: [said] * count for kind, said in KINDS.items()}
+            stated["world_captions"] = (sample_curved_world(count, 20_000, s.size, extra=_extra(s))[2]
+                               if getattr(s, "world", "base") == "curved" else [None] * count)
+            out = {"world": getattr(s, "world", "base"), "steps": steps, "sample_steps": sample_steps,
+                   "final_loss": stage.final_loss}
+            for kind, said in stated.items():
+                prompts = [captions(a, stated=st)[i % 3] for i, (a, st) in enumerate(zip(attrs, said))]
+                images = sample_batch(backend, backend.transformer, prompts, list(range(count)), sample_steps, s.size)
+                targets = [a if st is None else {k: getattr(a, k) for k in st} for a, st in zip(attrs, said)]
+                out[kind] = {k: round(float(v), 4) for k, v in evaluator.attribute_accuracy(images, targets).items()}
+    finally:
+        torch.set_num_threads(threads)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def run(args) -> int:
+    from .evaluator import load_evaluator
+    from .toybase import settings_from_args
+
+    result = probe(settings_from_args(args), args.steps, load_evaluator(args.evaluator), args.work,
+                   count=args.count, sample_steps=args.sample_steps)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,31 @@
+"""dopsd-world probe: a short pretraining, then per caption kind the accuracy of each attribute it states."""
+import json
+
+import torch
+
+from conftest import REPO  # noqa: F401  (puts the repo on the path)
+
+
+def test_probe_scores_each_caption_kind_on_its_stated_attributes(tmp_path):
+    from dopsd_world import EVALUATOR_WEIGHTS
+    from dopsd_world.cli import main
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "probe.json"
+    try:
+        assert main(["probe", "--evaluator", str(EVALUATOR_WEIGHTS), "--steps", "2", "--world", "curved",
+                     "--count", "6", "--sample-steps", "2", "--out", str(out), "--work", str(tmp_path / "work"),
+                     "--set", "num_images=32", "--set", "num_unnamed=8", "--set", "vae_steps=2",
+                     "--set", "vae_batch=8", "--set", "batch=4", "--set", "dit_dim=32", "--set", "dit_layers=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads(out.read_text())
+    assert r["world"] == "curved" and r["steps"] == 2
+    assert set(r["all"]) == {"shape", "color", "size", "position", "background", "texture", "mean"}
+    assert set(r["shape_color"]) == {"shape", "color", "mean"}
+    assert set(r["shape_color_position"]) == {"shape", "color", "position", "mean"}
+    # the world's own captions state shape and colour always, the rest only sometimes
+    assert {"shape", "color", "mean"} <= set(r["world_captions"]) <= set(r["all"])
+    assert all(0.0 <= v <= 1.0 for kind in ("all", "world_captions") for v in r[kind].values())
+    # the VAE stage was cached in --work (a later probe or build with the same settings reuses it)
+    assert list((tmp_path / "work").glob("vae-*.safetensors"))
