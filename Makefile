@@ -25,7 +25,7 @@ quickstart: install
 	$(BIN)/dopsd train --config configs/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf runs .pytest_cache

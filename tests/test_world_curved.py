@@ -197,6 +197,21 @@ def test_gate_checks_each_bar():
         assert not gate["passed"] and [k for k, v in gate["checks"].items() if not v] == [check]
 
 
+def test_gate_ceiling_is_part_one_for_a_turbo_equal_to_its_teacher():
+    from dopsd_world.gate import gate_ceiling
+
+    # build 1's figures: 4 steps 1195 / 0.398, 32 steps 815 / 0.543 -- below both bars even for a perfect turbo
+    many, four = _scores(815.2, 0.543), _scores(1195.4, 0.398)
+    c = gate_ceiling(four, many)
+    assert not c["reachable"] and abs(c["base_fd_over_many"] - 1195.4 / 815.2) < 1e-3
+    assert abs(c["base_sharpness_below_many"] - 0.145) < 1e-3
+    assert gate_ceiling(_scores(1300, 0.5), many)["reachable"]  # Fréchet 1.6x suffices
+    assert gate_ceiling(_scores(900, 0.3), many)["reachable"]   # ... or sharpness 0.24 lower
+    # the gate reports it, from the pre-distillation model's two budgets, whatever the turbo did
+    report = {"base_many_steps": many, "base_4_steps": four, "turbo_4_steps": _scores(400, 0.9)}
+    assert curved_gate(report)["ceiling"] == c
+
+
 def test_curved_build_writes_its_gate_and_the_gate_recomputes_from_its_outputs(tmp_path, scorer):
     """A tiny curved build end to end: report.json holds the gate, pre_distillation.safetensors is the model the
     build scored before distillation (recomputing from the outputs gives the same scores)."""

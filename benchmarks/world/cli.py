@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="write the result here (JSON)")
     q.add_argument("--count", type=int, default=64, help="prompts per kind (default 64)")
     q.add_argument("--sample-steps", type=int, default=32, help="Euler steps of the samples (default 32)")
+    q.add_argument("--ceiling-prompts", type=int, default=32,
+                   help="held-out prompts for the curvature reading, 4 vs --sample-steps steps (0: skip; default 32)")
+    q.add_argument("--ceiling-seeds", type=int, default=8, help="noise seeds per prompt of that reading (default 8)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a settings field")
     q.set_defaults(func=cmd_probe)
     return parser

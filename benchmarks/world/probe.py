@@ -10,6 +10,11 @@ VAE from --work's cache when the settings match, else trained) and samples text-
 from held-out world attributes: the world's own caption style (`world_captions`), all six stated, shape +
 colour + position, and shape + colour. It writes, per kind, the evaluator's accuracy on each stated
 attribute, so that a changed world can be checked in minutes before a build is spent on it.
+
+It also reads how curved the world's flow is (`ceiling`): on `ceiling_prompts` of the world's held-out prompts
+(the gate's prompt seed, `ceiling_seeds` noise seeds each, `curved.OpenScorer`), the Fréchet ratio and the
+sharpness drop of 4 Euler steps against `sample_steps` -- the gate's part 1 for a turbo equal to this model
+(`gate.gate_ceiling`). After a short pretraining the figures are not a full build's; they rank worlds.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ KINDS = {"all": None, "shape_color_position": ("shape", "color", "position"), "s
 
 
 def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int = 64,
-          sample_steps: int = 32) -> dict:
+          sample_steps: int = 32, ceiling_prompts: int = 32, ceiling_seeds: int = 8) -> dict:
     from dopsd.sampling import sample_batch
 
     from .curved import sample_curved_world
@@ -55,10 +60,27 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
                 images = sample_batch(backend, backend.transformer, prompts, list(range(count)), sample_steps, s.size)
                 targets = [a if st is None else {k: getattr(a, k) for k in st} for a, st in zip(attrs, said)]
                 out[kind] = {k: round(float(v), 4) for k, v in evaluator.attribute_accuracy(images, targets).items()}
+            if ceiling_prompts:
+                out["ceiling"] = ceiling(backend, evaluator, s, sample_steps, ceiling_prompts, ceiling_seeds)
     finally:
         torch.set_num_threads(threads)
     out["seconds"] = round(time.time() - t0, 1)
     return out
+
+
+def ceiling(backend, evaluator, s, sample_steps: int, prompts: int, seeds: int) -> dict:
+    """The gate's part 1 for a turbo equal to `backend`'s model at `sample_steps` (module docstring)."""
+    from .curved import OpenScorer, prompt_set
+    from .gate import EVAL_SEED, curved_scores, gate_ceiling
+    from .toybase import _extra
+
+    extra = _extra(s) if getattr(s, "world", "base") == "curved" else (4,)  # base world: all six stated
+    score = curved_scores(backend, evaluator, s, OpenScorer(evaluator, prompt_set(prompts, EVAL_SEED, extra=extra),
+                                                            per_prompt=seeds))
+    four, many = score(s.turbo_steps), score(sample_steps)
+    keep = ("acc_mean", "fd", "sharpness_ratio", "diversity_ratio")
+    return {"samples": f"{prompts} prompts x {seeds} seeds", f"{s.turbo_steps}_steps": {k: four[k] for k in keep},
+            f"{sample_steps}_steps": {k: many[k] for k in keep}, **gate_ceiling(four, many)}
 
 
 def run(args) -> int:
@@ -66,7 +88,8 @@ def run(args) -> int:
     from .toybase import settings_from_args
 
     result = probe(settings_from_args(args), args.steps, load_evaluator(args.evaluator), args.work,
-                   count=args.count, sample_steps=args.sample_steps)
+                   count=args.count, sample_steps=args.sample_steps, ceiling_prompts=args.ceiling_prompts,
+                   ceiling_seeds=args.ceiling_seeds)
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
