@@ -15,7 +15,9 @@ Protocol (written before any curved-world result existed, before the curved turb
   `pre_distillation.safetensors`), scored exactly as the tuned models;
 - data: six images of the held-out checkered texture, captioned in the curved style with "[V]" for the texture
   (`write_curved_concept_folder(count=6, seed=0)`: shape, colour, [V] and 0-1 more attributes), the same
-  for every method and seed;
+  for every method and seed; (added after build 1 failed its gate, before any comparison ran: the prompts and
+  data follow the build's own world, `curved.build_extra` of its report's `stated_extra` -- build 1's world
+  gives exactly the counts above);
 - methods: SFT; D-OPSD with the reference-image teacher; D-OPSD with the VLM teacher (both teacher routes of the
   toy). Only `train.objective` and the teacher's route differ; `ema_decay` is the recipe's default, used by
   D-OPSD's teacher only. Same budget (200 steps, batch 4, LoRA rank 8 / alpha 16, 4-step roll-outs), same data
@@ -94,17 +96,18 @@ class CurvedScorer:
     def __init__(self, p: CurvedProtocol, world_seeds: tuple[int, int]):
         from dopsd.config import ModelConfig
         from dopsd.models import load_backend
-        from dopsd_world.curved import OpenScorer, prompt_set
+        from dopsd_world.curved import OpenScorer, build_extra, prompt_set
         from dopsd_world.evaluator import load_evaluator
 
         self.p, self.size = p, 32
+        extra, concept_extra = build_extra(p.model)  # the build's own world (its captions' stated attributes)
         self.backend = load_backend(ModelConfig(backend="zimage", path=p.model, teacher_min_pixels=4096,
                                                 teacher_max_pixels=4096))
         ev = load_evaluator(p.evaluator)
         self.scorers = {
-            "concept": OpenScorer(ev, prompt_set(p.concept_prompts, world_seeds[0], concept=True),
+            "concept": OpenScorer(ev, prompt_set(p.concept_prompts, world_seeds[0], concept=True, extra=concept_extra),
                                   per_prompt=p.concept_per_prompt),
-            "retention": OpenScorer(ev, prompt_set(p.retention_prompts, world_seeds[1]),
+            "retention": OpenScorer(ev, prompt_set(p.retention_prompts, world_seeds[1], extra=extra),
                                     per_prompt=p.retention_per_prompt)}
 
     def transformer(self, which: str | Path | None):
@@ -304,14 +307,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dopsd_world.curved import write_curved_concept_folder
+    from dopsd_world.curved import build_extra, write_curved_concept_folder
 
     torch.set_num_threads(p.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_curved_"))
     t0 = time.perf_counter()
-    data = str(write_curved_concept_folder(work / "data", count=p.data_count, seed=p.data_seed))
+    data = str(write_curved_concept_folder(work / "data", count=p.data_count, seed=p.data_seed,
+                                           extra=build_extra(p.model)[1]))
     # with --work every finished score is kept there; threads change float summation order only
     kept = bw.Kept(work / "scores.json" if args.work else None,
                    {k: v for k, v in asdict(p).items() if k != "threads"})
