@@ -15,7 +15,7 @@ def test_probe_scores_each_caption_kind_on_its_stated_attributes(tmp_path):
     try:
         assert main(["probe", "--evaluator", str(EVALUATOR_WEIGHTS), "--steps", "2", "--world", "curved",
                      "--count", "6", "--sample-steps", "2",
-                     "--ceiling-prompts", "2", "--ceiling-seeds", "2", "--out", str(out), "--work", str(tmp_path / "work"),
+                     "--ceiling-prompts", "2", "--ceiling-seeds", "2", "--ceiling-more", "3", "--out", str(out), "--work", str(tmp_path / "work"),
                      "--set", "num_images=32", "--set", "num_unnamed=8", "--set", "vae_steps=2",
                      "--set", "vae_batch=8", "--set", "batch=4", "--set", "dit_dim=32", "--set", "dit_layers=1"]) == 0
     finally:
@@ -33,5 +33,6 @@ def test_probe_scores_each_caption_kind_on_its_stated_attributes(tmp_path):
     assert c["samples"] == "2 prompts x 2 seeds" and set(c["4_steps"]) == set(c["2_steps"])
     assert abs(c["base_fd_over_many"] - c["4_steps"]["fd"] / c["2_steps"]["fd"]) < 1e-3
     assert isinstance(c["reachable"], bool)
+    assert abs(c["vs_3_steps"]["base_fd_over_many"] - c["4_steps"]["fd"] / c["3_steps"]["fd"]) < 1e-3
     # the VAE stage was cached in --work (a later probe or build with the same settings reuses it)
     assert list((tmp_path / "work").glob("vae-*.safetensors"))

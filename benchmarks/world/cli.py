@@ -2,7 +2,8 @@
 
     dopsd-world make-toy-base --out DIR [--world base|curved] [--work CACHE] [--evaluator FILE] [--set KEY=VALUE ...]
     dopsd-world gate --out DIR [--evaluator FILE [--pre-distillation FILE] [--prompts N] [--seeds N]]
-    dopsd-world probe --evaluator FILE --steps N [--world base|curved] [--work CACHE] [--out FILE.json] [--set ...]
+    dopsd-world probe --evaluator FILE --steps N [--world base|curved] [--work CACHE] [--out FILE.json]
+                      [--ceiling-prompts N] [--ceiling-more N,N] [--set ...]
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ceiling-prompts", type=int, default=32,
                    help="held-out prompts for the curvature reading, 4 vs --sample-steps steps (0: skip; default 32)")
     q.add_argument("--ceiling-seeds", type=int, default=8, help="noise seeds per prompt of that reading (default 8)")
+    q.add_argument("--ceiling-more", default="", metavar="N,N",
+                   help="also read the ceiling against these many-step budgets, e.g. 64,128")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a settings field")
     q.set_defaults(func=cmd_probe)
     return parser

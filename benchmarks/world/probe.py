@@ -31,7 +31,8 @@ KINDS = {"all": None, "shape_color_position": ("shape", "color", "position"), "s
 
 
 def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int = 64,
-          sample_steps: int = 32, ceiling_prompts: int = 32, ceiling_seeds: int = 8) -> dict:
+          sample_steps: int = 32, ceiling_prompts: int = 32, ceiling_seeds: int = 8,
+          ceiling_more: tuple[int, ...] = ()) -> dict:
     from dopsd.sampling import sample_batch
 
     from .curved import sample_curved_world
@@ -61,15 +62,18 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
                 targets = [a if st is None else {k: getattr(a, k) for k in st} for a, st in zip(attrs, said)]
                 out[kind] = {k: round(float(v), 4) for k, v in evaluator.attribute_accuracy(images, targets).items()}
             if ceiling_prompts:
-                out["ceiling"] = ceiling(backend, evaluator, s, sample_steps, ceiling_prompts, ceiling_seeds)
+                out["ceiling"] = ceiling(backend, evaluator, s, sample_steps, ceiling_prompts, ceiling_seeds,
+                                         ceiling_more)
     finally:
         torch.set_num_threads(threads)
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
 
-def ceiling(backend, evaluator, s, sample_steps: int, prompts: int, seeds: int) -> dict:
-    """The gate's part 1 for a turbo equal to `backend`'s model at `sample_steps` (module docstring)."""
+def ceiling(backend, evaluator, s, sample_steps: int, prompts: int, seeds: int, more: tuple[int, ...] = ()) -> dict:
+    """The gate's part 1 for a turbo equal to `backend`'s model at `sample_steps` (module docstring); with
+    `more`, also against each of those many-step budgets (`vs_<N>_steps`: would a teacher sampled with more
+    steps, the distillation's `teacher_steps`, give a turbo room to clear the bar?)."""
     from .curved import OpenScorer, prompt_set
     from .gate import EVAL_SEED, curved_scores, gate_ceiling
     from .toybase import _extra
@@ -79,8 +83,13 @@ def ceiling(backend, evaluator, s, sample_steps: int, prompts: int, seeds: int) 
                                                             per_prompt=seeds))
     four, many = score(s.turbo_steps), score(sample_steps)
     keep = ("acc_mean", "fd", "sharpness_ratio", "diversity_ratio")
-    return {"samples": f"{prompts} prompts x {seeds} seeds", f"{s.turbo_steps}_steps": {k: four[k] for k in keep},
-            f"{sample_steps}_steps": {k: many[k] for k in keep}, **gate_ceiling(four, many)}
+    out = {"samples": f"{prompts} prompts x {seeds} seeds", f"{s.turbo_steps}_steps": {k: four[k] for k in keep},
+           f"{sample_steps}_steps": {k: many[k] for k in keep}, **gate_ceiling(four, many)}
+    for n in more:
+        other = score(n)
+        out[f"{n}_steps"] = {k: other[k] for k in keep}
+        out[f"vs_{n}_steps"] = gate_ceiling(four, other)
+    return out
 
 
 def run(args) -> int:
@@ -89,7 +98,8 @@ def run(args) -> int:
 
     result = probe(settings_from_args(args), args.steps, load_evaluator(args.evaluator), args.work,
                    count=args.count, sample_steps=args.sample_steps, ceiling_prompts=args.ceiling_prompts,
-                   ceiling_seeds=args.ceiling_seeds)
+                   ceiling_seeds=args.ceiling_seeds,
+                   ceiling_more=tuple(int(n) for n in args.ceiling_more.split(",") if n))
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
