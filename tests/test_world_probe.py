@@ -34,5 +34,24 @@ def test_probe_scores_each_caption_kind_on_its_stated_attributes(tmp_path):
     assert abs(c["base_fd_over_many"] - c["4_steps"]["fd"] / c["2_steps"]["fd"]) < 1e-3
     assert isinstance(c["reachable"], bool)
     assert abs(c["vs_3_steps"]["base_fd_over_many"] - c["4_steps"]["fd"] / c["3_steps"]["fd"]) < 1e-3
+    assert 0.0 < r["vae_sharpness_ratio"] < float("inf")
     # the VAE stage was cached in --work (a later probe or build with the same settings reuses it)
     assert list((tmp_path / "work").glob("vae-*.safetensors"))
+
+
+def test_probe_with_no_steps_reads_only_the_vae(tmp_path):
+    from dopsd_world import EVALUATOR_WEIGHTS
+    from dopsd_world.cli import main
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "vae.json"
+    try:
+        assert main(["probe", "--evaluator", str(EVALUATOR_WEIGHTS), "--steps", "0", "--out", str(out),
+                     "--set", "num_images=16", "--set", "num_unnamed=4", "--set", "vae_steps=2",
+                     "--set", "vae_batch=4", "--set", "dit_dim=32", "--set", "dit_layers=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads(out.read_text())
+    assert r["steps"] == 0 and "ceiling" not in r and "all" not in r
+    # a 2-step VAE reconstructs noise, not the images: its sharpness is nowhere near theirs
+    assert r["vae_sharpness_ratio"] > 0.0 and abs(r["vae_sharpness_ratio"] - 1.0) > 0.05

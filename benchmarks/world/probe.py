@@ -14,7 +14,8 @@ attribute, so that a changed world can be checked in minutes before a build is s
 It also reads how curved the world's flow is (`ceiling`): on `ceiling_prompts` of the world's held-out prompts
 (the gate's prompt seed, `ceiling_seeds` noise seeds each, `curved.OpenScorer`), the Fréchet ratio and the
 sharpness drop of 4 Euler steps against `sample_steps` -- the gate's part 1 for a turbo equal to this model
-(`gate.gate_ceiling`). After a short pretraining the figures are not a full build's; they rank worlds.
+(`gate.gate_ceiling`) -- and the VAE's own cap on sharpness (`vae_sharpness_ratio`, its reconstructions of
+training images; `--steps 0` reads only that, for a candidate VAE). After a short pretraining the figures are not a full build's; they rank worlds.
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
             torch.manual_seed(s.seed)
             c, pool = components_and_pool(s)
             prepared_vae(Path(work) if work else None, s, c, pool)
+            vae = {"vae_sharpness_ratio": round(vae_sharpness_ratio(c["vae"], pool.images[:256]), 4)}
+            if steps == 0:  # the VAE alone (a candidate VAE's ceiling, before any DiT is trained on it)
+                return {"world": getattr(s, "world", "base"), "steps": 0, **vae,
+                        "seconds": round(time.time() - t0, 1)}
             stage = pretrain(build_backend(c, s, trainable=True), c, pool, s)
             backend = build_backend(c, s, trainable=False)
             backend.transformer.eval()
@@ -55,7 +60,7 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
             stated["world_captions"] = (sample_curved_world(count, 20_000, s.size, extra=_extra(s))[2]
                                if getattr(s, "world", "base") == "curved" else [None] * count)
             out = {"world": getattr(s, "world", "base"), "steps": steps, "sample_steps": sample_steps,
-                   "final_loss": stage.final_loss}
+                   "final_loss": stage.final_loss, **vae}
             for kind, said in stated.items():
                 prompts = [captions(a, stated=st)[i % 3] for i, (a, st) in enumerate(zip(attrs, said))]
                 images = sample_batch(backend, backend.transformer, prompts, list(range(count)), sample_steps, s.size)
@@ -68,6 +73,17 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
         torch.set_num_threads(threads)
     out["seconds"] = round(time.time() - t0, 1)
     return out
+
+
+@torch.no_grad()
+def vae_sharpness_ratio(vae, images: torch.Tensor) -> float:
+    """Sharpness of the VAE's reconstructions over the images' own: no sample decoded by this VAE is likely
+    to be sharper, so it caps every model's (and the gate's) sharpness ratio."""
+    from .evaluator import sharpness
+
+    x = images.to(vae.device) * 2 - 1
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return sharpness((rec.cpu() + 1) / 2) / sharpness(images)
 
 
 def ceiling(backend, evaluator, s, sample_steps: int, prompts: int, seeds: int, more: tuple[int, ...] = ()) -> dict:
