@@ -16,8 +16,8 @@ Protocol (written before any curved-world result existed, before the curved turb
 - data: six images of the held-out checkered texture, captioned in the curved style with "[V]" for the texture
   (`write_curved_concept_folder(count=6, seed=0)`: shape, colour, [V] and 0-1 more attributes), the same
   for every method and seed; (added after build 1 failed its gate, before any comparison ran: the prompts and
-  data follow the build's own world, `curved.build_extra` of its report's `stated_extra` -- build 1's world
-  gives exactly the counts above);
+  data follow the build's own world, its report's `stated_extra` (`curved.concept_extra` for
+  [V]) -- build 1's world gives exactly the counts above);
 - methods: SFT; D-OPSD with the reference-image teacher; D-OPSD with the VLM teacher (both teacher routes of the
   toy). Only `train.objective` and the teacher's route differ; `ema_decay` is the recipe's default, used by
   D-OPSD's teacher only. Same budget (200 steps, batch 4, LoRA rank 8 / alpha 16, 4-step roll-outs), same data
@@ -93,19 +93,20 @@ COLUMNS = [("concept", k, label) for k, label in CONCEPT] + [("retention", k, la
 class CurvedScorer:
     """Samples a curved build (turbo, its pre-distillation twin, or the turbo with a LoRA) and scores it."""
 
-    def __init__(self, p: CurvedProtocol, world_seeds: tuple[int, int]):
+    def __init__(self, p: CurvedProtocol, world_seeds: tuple[int, int], extra: tuple[int, ...]):
+        """`extra`: the build's own world, how many attributes beyond shape and colour its captions state."""
         from dopsd.config import ModelConfig
         from dopsd.models import load_backend
-        from dopsd_world.curved import OpenScorer, build_extra, prompt_set
+        from dopsd_world.curved import OpenScorer, concept_extra, prompt_set
         from dopsd_world.evaluator import load_evaluator
 
         self.p, self.size = p, 32
-        extra, concept_extra = build_extra(p.model)  # the build's own world (its captions' stated attributes)
         self.backend = load_backend(ModelConfig(backend="zimage", path=p.model, teacher_min_pixels=4096,
                                                 teacher_max_pixels=4096))
         ev = load_evaluator(p.evaluator)
         self.scorers = {
-            "concept": OpenScorer(ev, prompt_set(p.concept_prompts, world_seeds[0], concept=True, extra=concept_extra),
+            "concept": OpenScorer(ev, prompt_set(p.concept_prompts, world_seeds[0], concept=True,
+                                                        extra=concept_extra(extra)),
                                   per_prompt=p.concept_per_prompt),
             "retention": OpenScorer(ev, prompt_set(p.retention_prompts, world_seeds[1], extra=extra),
                                     per_prompt=p.retention_per_prompt)}
@@ -307,20 +308,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dopsd_world.curved import build_extra, write_curved_concept_folder
+    from dopsd_world.curved import concept_extra, write_curved_concept_folder
+    from dopsd_world.toybase import _extra, curved_build_settings
 
     torch.set_num_threads(p.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_curved_"))
     t0 = time.perf_counter()
+    extra = _extra(curved_build_settings(json.loads((Path(p.model) / "report.json").read_text()), p.model))
     data = str(write_curved_concept_folder(work / "data", count=p.data_count, seed=p.data_seed,
-                                           extra=build_extra(p.model)[1]))
+                                           extra=concept_extra(extra)))
     # with --work every finished score is kept there; threads change float summation order only
     kept = bw.Kept(work / "scores.json" if args.work else None,
                    {k: v for k, v in asdict(p).items() if k != "threads"})
-    sweep = CurvedScorer(p, p.sweep_world_seeds)
-    report = CurvedScorer(p, p.report_world_seeds)
+    sweep = CurvedScorer(p, p.sweep_world_seeds, extra)
+    report = CurvedScorer(p, p.report_world_seeds, extra)
     results: dict = {"protocol": asdict(p), "gate": gate, "sweep": {}, "chosen_lr": {}, "report": {},
                      "reference": {ref: kept.get(f"reference/{ref}", lambda: report.budgets(report.transformer(w)))
                                    for ref, w in (("turbo", None), ("pre_distillation", "pre_distillation"))},

@@ -256,15 +256,20 @@ def test_shipped_curved_turbo_passes_its_gate(tmp_path, scorer):
 
 
 
-def test_a_build_s_world_extras_come_from_its_report(tmp_path):
+def test_a_build_s_world_extras_come_from_its_report():
     """bench_curved scores a build on its own world: the prompts' and the [V] data's stated counts follow the
     build's `stated_extra` (build 1's world: EXTRA and CONCEPT_EXTRA)."""
-    from dopsd_world.curved import CONCEPT_EXTRA, EXTRA, build_extra, prompt_set
+    from dopsd_world.curved import CONCEPT_EXTRA, EXTRA, concept_extra, prompt_set
+    from dopsd_world.toybase import _extra, curved_build_settings
+
+    def extras(settings: dict) -> tuple:
+        extra = _extra(curved_build_settings({"settings": settings}))
+        return extra, concept_extra(extra)
 
     for stated, want in (("0,1,2", (EXTRA, CONCEPT_EXTRA)), ("0", ((0,), (0,))), ("1,2", ((1, 2), (1,)))):
-        (tmp_path / "report.json").write_text(json.dumps({"settings": {"world": "curved", "stated_extra": stated}}))
-        assert build_extra(tmp_path) == want
-    (tmp_path / "report.json").write_text(json.dumps({"settings": {"world": "curved"}}))  # before the field existed
-    assert build_extra(tmp_path) == (EXTRA, CONCEPT_EXTRA)
+        assert extras({"world": "curved", "stated_extra": stated}) == want
+    assert extras({"world": "curved"}) == (EXTRA, CONCEPT_EXTRA)  # a report from before the field existed
+    with pytest.raises(ValueError, match="not a curved-world build"):
+        curved_build_settings({"settings": {"world": "base"}})
     # with extra (0,) every prompt states shape and colour only
     assert all(set(p) == {"shape", "color"} for p in prompt_set(16, 5, extra=(0,)).prompts)

@@ -41,15 +41,10 @@ EXTRA = (0, 1, 2)            # how many more attributes it states, drawn uniform
 CONCEPT_EXTRA = (0, 1)       # the same for `[V]` captions, which state the texture too
 
 
-def build_extra(model_dir: str | Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(world, `[V]`) extras of a curved build: how many attributes beyond shape and colour its captions
-    state (its report.json's `stated_extra`), and for `[V]` captions, which state the texture too, the same
-    without the largest (at least 0): the build 1 world's (0, 1, 2) gives (0, 1) = `EXTRA`, `CONCEPT_EXTRA`."""
-    import json
-
-    settings = json.loads((Path(model_dir) / "report.json").read_text()).get("settings", {})
-    extra = tuple(int(k) for k in str(settings.get("stated_extra", ",".join(map(str, EXTRA)))).split(","))
-    return extra, tuple(k for k in extra if k < max(extra)) or (0,)
+def concept_extra(extra: Sequence[int]) -> tuple[int, ...]:
+    """`[V]` captions' extras for a world whose captions state `extra` attributes beyond shape and colour:
+    they state the texture too, so the same without the largest (at least 0); `EXTRA` gives `CONCEPT_EXTRA`."""
+    return tuple(k for k in extra if k < max(extra)) or (0,)
 
 
 def draw_stated(rng: random.Random, extra: Iterable[int] = EXTRA, always: Sequence[str] = ALWAYS) -> tuple[str, ...]:
@@ -185,6 +180,6 @@ class OpenScorer:
         return out
 
 
-__all__ = ["ALWAYS", "CONCEPT_EXTRA", "EXTRA", "OpenScorer", "PromptSet", "build_extra", "curved_concept_samples", "draw_stated",
+__all__ = ["ALWAYS", "CONCEPT_EXTRA", "EXTRA", "OpenScorer", "PromptSet", "concept_extra", "curved_concept_samples", "draw_stated",
            "open_diversity", "prompt_set", "real_samples", "sample_curved_world", "write_curved_concept_folder",
            "write_curved_world_folder"]

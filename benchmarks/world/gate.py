@@ -103,13 +103,11 @@ def gate_from_build(out_dir: str | Path, evaluator=None, pre_distillation: str |
     turbo in `out_dir`, the model before distillation from `pre_distillation`, default the build's
     `pre_distillation.safetensors`, or a `--work` cache's incontext-*.safetensors), on `eval_prompts` x
     `eval_seeds` samples (default the build's)."""
-    from .toybase import PRE_DISTILLATION, CurvedToyBaseSettings
+    from .toybase import PRE_DISTILLATION, curved_build_settings
 
     out = Path(out_dir)
     report = json.loads((out / "report.json").read_text())
-    if report["settings"].get("world") != "curved":
-        raise ValueError(f"{out}: not a curved-world build (settings.world={report['settings'].get('world')!r})")
-    s = CurvedToyBaseSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["settings"].items()})
+    s = curved_build_settings(report, out)
     s = replace(s, eval_prompts=eval_prompts or s.eval_prompts, eval_seeds=eval_seeds or s.eval_seeds)
     scores = {k: report[k] for k in ("base_many_steps", "base_4_steps", "turbo_4_steps") if k in report}
     if evaluator is not None:

@@ -40,6 +40,7 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
     from .toybase import _extra, build_backend, components_and_pool, prepared_vae, pretrain
 
     s = replace(s, pretrain_steps=steps)
+    world = getattr(s, "world", "base")
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
     t0 = time.time()
@@ -50,7 +51,7 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
             prepared_vae(Path(work) if work else None, s, c, pool)
             vae = {"vae_sharpness_ratio": round(vae_sharpness_ratio(c["vae"], pool.images[:256]), 4)}
             if steps == 0:  # the VAE alone (a candidate VAE's ceiling, before any DiT is trained on it)
-                return {"world": getattr(s, "world", "base"), "steps": 0, **vae,
+                return {"world": world, "steps": 0, **vae,
                         "seconds": round(time.time() - t0, 1)}
             stage = pretrain(build_backend(c, s, trainable=True), c, pool, s)
             backend = build_backend(c, s, trainable=False)
@@ -58,8 +59,8 @@ def probe(s, steps: int, evaluator, work: str | Path | None = None, count: int =
             _, attrs = sample_world(count, seed=20_000, size=s.size)  # a seed no stage trains on
             stated = {kind: [said] * count for kind, said in KINDS.items()}
             stated["world_captions"] = (sample_curved_world(count, 20_000, s.size, extra=_extra(s))[2]
-                               if getattr(s, "world", "base") == "curved" else [None] * count)
-            out = {"world": getattr(s, "world", "base"), "steps": steps, "sample_steps": sample_steps,
+                               if world == "curved" else [None] * count)
+            out = {"world": world, "steps": steps, "sample_steps": sample_steps,
                    "final_loss": stage.final_loss, **vae}
             for kind, said in stated.items():
                 prompts = [captions(a, stated=st)[i % 3] for i, (a, st) in enumerate(zip(attrs, said))]

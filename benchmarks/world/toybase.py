@@ -157,6 +157,13 @@ def _extra(s: ToyBaseSettings) -> tuple[int, ...]:
     return tuple(int(k) for k in s.stated_extra.split(","))
 
 
+def curved_build_settings(report: dict, where: str | Path = "report.json") -> CurvedToyBaseSettings:
+    """The settings a curved build was made with, from its report.json (lists back to tuples)."""
+    if report["settings"].get("world") != "curved":
+        raise ValueError(f"{where}: not a curved-world build (settings.world={report['settings'].get('world')!r})")
+    return CurvedToyBaseSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["settings"].items()})
+
+
 @dataclass
 class Stage:
     seconds: float = 0.0
